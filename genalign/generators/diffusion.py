@@ -1,0 +1,681 @@
+"""Latent text-to-image diffusion as a policy: sampling with exact per-step log-probabilities.
+
+`DiffusionGenerator` wraps diffusers components (a UNet2DConditionModel or a 2-D transformer denoiser,
+AutoencoderKL, one or two CLIP text encoders with tokenizers, a DDIM/DDPM scheduler). It is the only code
+that knows this model family; pipelines talk to it through `sample`, `log_prob`, `sample_differentiable`,
+`decode` and `trainable_parameters`.
+
+Sampling reproduces diffusers' StableDiffusion(XL)Pipeline bit for bit up to float rounding: same noise
+draws (one `randn_tensor` call per step, per-sample generators allowed), same CFG, same step formulas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.utils.checkpoint
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from genalign.sampling import LogProbReduction, StepSchedule, gaussian_log_prob, step_mean
+
+GeneratorArg = torch.Generator | list[torch.Generator] | None
+
+
+class ModelLoadError(OSError):
+    """A model folder or hub id that cannot be loaded; the message says how to fix it."""
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch.
+
+    Attributes:
+        embeds: [B, L, D] token embeddings fed to the denoiser's cross-attention.
+        attention_mask: [B, L] (1 = token) or None; passed to the denoiser only if the generator asks.
+        pooled: [B, P] pooled text embedding (SDXL) or None.
+        time_ids: [B, 6] SDXL size/crop conditioning or None.
+    """
+
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PromptEmbeds":
+        return PromptEmbeds(*(None if t is None else fn(t) for t in self._tensors()))
+
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.embeds, self.attention_mask, self.pooled, self.time_ids)
+
+    def __getitem__(self, index) -> "PromptEmbeds":
+        return self.map(lambda t: t[index])
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @staticmethod
+    def cat(items: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
+        columns = zip(*(item._tensors() for item in items))
+        return PromptEmbeds(*(None if col[0] is None else torch.cat(col) for col in columns))
+
+
+@dataclass
+class Trajectory:
+    """A batch of recorded reverse-diffusion trajectories.
+
+    Attributes:
+        latents: [B, T+1, C, h, w] states x_T … x_0 (index i holds the input of step i).
+        log_probs: [B, T] log π(x_{i+1} | x_i, c) at sampling time (0 on deterministic steps).
+        schedule: the step scalars (timesteps, ᾱ, σ) shared by the batch.
+        cond / uncond: conditioning used (uncond is None without CFG).
+        guidance_scale: CFG scale w.
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    schedule: StepSchedule
+    cond: PromptEmbeds
+    uncond: PromptEmbeds | None
+    guidance_scale: float
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def __getitem__(self, index) -> "Trajectory":
+        """Select samples (an index tensor, slice or list) along the batch dimension."""
+        return replace(
+            self,
+            latents=self.latents[index],
+            log_probs=self.log_probs[index],
+            cond=self.cond[index],
+            uncond=None if self.uncond is None else self.uncond[index],
+        )
+
+    @staticmethod
+    def cat(items: Sequence["Trajectory"]) -> "Trajectory":
+        first = items[0]
+        return replace(
+            first,
+            latents=torch.cat([t.latents for t in items]),
+            log_probs=torch.cat([t.log_probs for t in items]),
+            cond=PromptEmbeds.cat([t.cond for t in items]),
+            uncond=None if first.uncond is None else PromptEmbeds.cat([t.uncond for t in items]),
+        )
+
+
+@dataclass
+class Rollout:
+    """What `sample` returns: prompts, decoded images and (optionally) the trajectory.
+
+    Attributes:
+        prompts: B prompts, one per sample.
+        images: [B, 3, H, W] in [0, 1] (None if decoding was skipped).
+        latents: [B, C, h, w] final latents x_0.
+        trajectory: recorded states and log-probs (None if not requested).
+    """
+
+    prompts: list[str]
+    images: torch.Tensor | None
+    latents: torch.Tensor
+    trajectory: Trajectory | None = None
+
+
+@dataclass
+class SamplingOptions:
+    """How to sample: steps, CFG, stochasticity and log-prob convention."""
+
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    log_prob_reduction: LogProbReduction = "sum"
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str = ""
+
+
+@dataclass
+class _TextTower:
+    tokenizer: CLIPTokenizer
+    encoder: torch.nn.Module
+
+
+@dataclass
+class DiffusionGenerator:
+    """A latent text-to-image diffusion model exposed as a stochastic policy.
+
+    Build it with `from_pretrained` (a diffusers folder or hub id with SD 1.x/2.x or SDXL layout) or
+    directly from components. Only the denoiser is ever trained; VAE and text encoders stay frozen.
+    """
+
+    denoiser: torch.nn.Module
+    vae: AutoencoderKL
+    text_encoder: torch.nn.Module
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler | DDPMScheduler
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = False
+    use_encoder_attention_mask: bool = False
+    source: str | None = None
+    _empty_cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for module in (self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        scheduler: str | None = None,
+    ) -> "DiffusionGenerator":
+        """Load a diffusers text-to-image folder or hub id (SD 1.x/2.x, or SDXL when `text_encoder_2` exists).
+
+        Args:
+            scheduler: "ddim" or "ddpm" to replace the stored scheduler (same noise schedule); None keeps
+                it if it is DDIM/DDPM and otherwise converts to DDIM.
+        """
+        source = str(path_or_id)
+        is_local = os.path.isdir(source)
+        if not is_local and (source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1]):
+            raise ModelLoadError(
+                f"model path '{source}' does not exist; pass an existing diffusers folder "
+                "(with model_index.json) or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+            )
+        kwargs = dict(revision=revision)
+        if local_files_only is not None:
+            kwargs["local_files_only"] = local_files_only
+        try:
+            index = _read_model_index(source, **kwargs)
+            has_sdxl = "text_encoder_2" in index
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kwargs)
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kwargs)
+            text_encoder = CLIPTextModel.from_pretrained(
+                source, subfolder="text_encoder", torch_dtype=torch_dtype, **kwargs
+            )
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+            text_encoder_2 = tokenizer_2 = None
+            if has_sdxl:
+                text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                    source, subfolder="text_encoder_2", torch_dtype=torch_dtype, **kwargs
+                )
+                tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
+            scheduler_class = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+            stored = index.get("scheduler", [None, None])[1]
+            chosen = scheduler or ("ddpm" if stored == "DDPMScheduler" else "ddim")
+            if chosen not in scheduler_class:
+                raise ModelLoadError(f"scheduler must be 'ddim' or 'ddpm', got {chosen!r}")
+            sched = scheduler_class[chosen].from_pretrained(source, subfolder="scheduler", **kwargs)
+        except ModelLoadError:
+            raise
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(
+                f"could not load a text-to-image model from '{source}': {error}\n"
+                "Pass a local diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+                "scheduler/) or a hub id that is in the local cache; without network, download it elsewhere "
+                "and copy the folder here."
+            ) from error
+        return cls(
+            denoiser=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=sched,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", has_sdxl)),
+            use_encoder_attention_mask=bool(index.get("_genalign_use_encoder_attention_mask", False)),
+            source=source,
+        )
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write a diffusers folder that `from_pretrained` (ours or diffusers') loads back."""
+        path = Path(path)
+        pipe = self.as_diffusers_pipeline()
+        pipe.save_pretrained(path)
+        return path
+
+    def as_diffusers_pipeline(self):
+        """The equivalent plain diffusers pipeline, sharing these modules (no copies)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if self.text_encoder_2 is not None:
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=self.denoiser,
+                scheduler=self.scheduler,
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+            )
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.denoiser,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.denoiser.config.in_channels)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DiffusionGenerator":
+        for module in self._modules():
+            module.to(device=device, dtype=dtype)
+        self._empty_cache.clear()
+        return self
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.denoiser, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters of the denoiser that require gradients (all of it, or only LoRA adapters)."""
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def default_size(self) -> tuple[int, int]:
+        size = self.denoiser.config.sample_size
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        return int(size[0]) * self.vae_scale_factor, int(size[1]) * self.vae_scale_factor
+
+    # ------------------------------------------------------------------ text conditioning
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], height: int, width: int) -> PromptEmbeds:
+        """Encode prompts exactly as diffusers' SD / SDXL pipelines do. Returns [B, L, D] embeddings."""
+        prompts = list(prompts)
+        towers = [_TextTower(self.tokenizer, self.text_encoder)]
+        if self.text_encoder_2 is not None:
+            towers.append(_TextTower(self.tokenizer_2, self.text_encoder_2))
+        device = self.device
+        hidden, pooled, mask = [], None, None
+        for tower in towers:
+            tokens = tower.tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tower.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            ids = tokens.input_ids.to(device)
+            if self.text_encoder_2 is None:
+                use_mask = getattr(tower.encoder.config, "use_attention_mask", False)
+                attention = tokens.attention_mask.to(device) if use_mask else None
+                hidden.append(tower.encoder(ids, attention_mask=attention)[0])
+                mask = tokens.attention_mask.to(device)
+            else:
+                out = tower.encoder(ids, output_hidden_states=True)
+                if pooled is None and out[0].ndim == 2:
+                    pooled = out[0]
+                hidden.append(out.hidden_states[-2])
+        embeds = torch.cat(hidden, dim=-1).to(self.dtype)
+        if self.text_encoder_2 is None:
+            return PromptEmbeds(embeds, attention_mask=mask)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=self.dtype)
+        return PromptEmbeds(embeds, pooled=pooled.to(self.dtype), time_ids=time_ids.repeat(len(prompts), 1))
+
+    def negative_embeds(self, batch: int, height: int, width: int, negative_prompt: str = "") -> PromptEmbeds:
+        """Unconditional embeddings for CFG: the encoded negative prompt, or zeros (SDXL default)."""
+        key = (negative_prompt, height, width)
+        if key not in self._empty_cache:
+            if self.force_zeros_for_empty_prompt and negative_prompt == "":
+                ref = self.encode_prompts([""], height, width)
+                self._empty_cache[key] = PromptEmbeds(
+                    torch.zeros_like(ref.embeds), None, torch.zeros_like(ref.pooled), ref.time_ids
+                )
+            else:
+                self._empty_cache[key] = self.encode_prompts([negative_prompt], height, width)
+        single = self._empty_cache[key]
+        return single.map(lambda t: t.expand(batch, *t.shape[1:]))
+
+    # ------------------------------------------------------------------ denoiser
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: PromptEmbeds,
+        uncond: PromptEmbeds | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """Guided denoiser output ε̂ = ε(x, t, ∅) + w·(ε(x, t, c) − ε(x, t, ∅)).
+
+        Args:
+            latents: [B, C, h, w]; timesteps: [B] (samples may be at different timesteps).
+        Returns:
+            [B, C, h, w] in the denoiser's output dtype.
+        """
+        if uncond is not None:
+            model_in = torch.cat([latents, latents])
+            t = torch.cat([timesteps, timesteps])
+            text = PromptEmbeds.cat([uncond, cond])
+        else:
+            model_in, t, text = latents, timesteps, cond
+        out = self._call_denoiser(model_in, t, text)
+        if uncond is None:
+            return out
+        out_uncond, out_cond = out.chunk(2)
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+    def _call_denoiser(self, latents: torch.Tensor, timesteps: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
+        added = None
+        if text.pooled is not None:
+            added = {"text_embeds": text.pooled, "time_ids": text.time_ids}
+        mask = text.attention_mask if self.use_encoder_attention_mask else None
+        if isinstance(self.denoiser, UNet2DConditionModel) or hasattr(self.denoiser, "up_blocks"):
+            return self.denoiser(
+                latents,
+                timesteps,
+                encoder_hidden_states=text.embeds,
+                encoder_attention_mask=mask,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
+        # 2-D transformer denoisers (DiT/PixArt-style): a learned-variance head doubles the channels;
+        # the DDIM/DDPM policy uses only the mean prediction, as diffusers' PixArt pipeline does.
+        out = self.denoiser(
+            latents,
+            encoder_hidden_states=text.embeds,
+            timestep=timesteps,
+            encoder_attention_mask=mask,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]
+        if out.shape[1] == 2 * latents.shape[1]:
+            out = out[:, : latents.shape[1]]
+        return out
+
+    # ------------------------------------------------------------------ sampling
+    def _prepare(
+        self, prompts: Sequence[str], options: SamplingOptions
+    ) -> tuple[int, int, PromptEmbeds, PromptEmbeds | None, StepSchedule]:
+        if len(prompts) == 0:
+            raise ValueError("no prompts to sample from; pass at least one prompt")
+        default_h, default_w = self.default_size()
+        height, width = options.height or default_h, options.width or default_w
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}×{width}")
+        cond = self.encode_prompts(prompts, height, width)
+        uncond = None
+        if options.guidance_scale > 1.0:
+            uncond = self.negative_embeds(len(prompts), height, width, options.negative_prompt)
+        schedule = StepSchedule.from_scheduler(self.scheduler, options.num_inference_steps, options.eta)
+        return height, width, cond, uncond, schedule
+
+    def initial_noise(self, batch: int, height: int, width: int, generator: GeneratorArg) -> torch.Tensor:
+        """x_T ~ N(0, I) drawn as diffusers draws it (so equal seeds give equal images). [B, C, h, w]."""
+        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        return noise * self.scheduler.init_noise_sigma
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        options: SamplingOptions | None = None,
+        *,
+        generator: GeneratorArg = None,
+        seeds: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        return_trajectory: bool = True,
+        decode: bool = True,
+        progress: bool = False,
+    ) -> Rollout:
+        """Sample one image per prompt (repeat a prompt for several), recording the trajectory.
+
+        Args:
+            prompts: B prompts.
+            generator: a torch.Generator or one per sample, as in diffusers; or pass `seeds` (one per
+                sample), which makes each sample independent of batching and of which process draws it.
+            batch_size: split into chunks of this size (memory); with per-sample seeds results do not change.
+        Returns:
+            Rollout with images [B, 3, H, W] in [0, 1] and trajectory latents [B, T+1, C, h, w].
+        """
+        options = options or SamplingOptions()
+        prompts = list(prompts)
+        if seeds is not None:
+            if generator is not None:
+                raise ValueError("pass either generator or seeds, not both")
+            if len(seeds) != len(prompts):
+                raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per sample")
+            generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        chunk = batch_size or len(prompts)
+        if chunk < len(prompts):
+            if generator is not None and not isinstance(generator, list):
+                raise ValueError("chunked sampling needs per-sample generators or seeds so chunks stay reproducible")
+            parts = []
+            for start in range(0, len(prompts), chunk):
+                gens = None if generator is None else generator[start : start + chunk]
+                parts.append(
+                    self.sample(
+                        prompts[start : start + chunk],
+                        options,
+                        generator=gens,
+                        return_trajectory=return_trajectory,
+                        decode=decode,
+                        progress=progress,
+                    )
+                )
+            return Rollout(
+                prompts=prompts,
+                images=None if not decode else torch.cat([p.images for p in parts]),
+                latents=torch.cat([p.latents for p in parts]),
+                trajectory=Trajectory.cat([p.trajectory for p in parts]) if return_trajectory else None,
+            )
+
+        height, width, cond, uncond, schedule = self._prepare(prompts, options)
+        latents = self.initial_noise(len(prompts), height, width, generator)
+        states, log_probs = [latents], []
+        steps = range(schedule.num_steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="sampling", leave=False)
+        for i in steps:
+            step_index = torch.full((len(prompts),), i, dtype=torch.long)
+            t = schedule.timesteps[i].to(self.device).expand(len(prompts))
+            model_output = self.predict(latents, t, cond, uncond, options.guidance_scale)
+            mean, std = step_mean(schedule, model_output, latents, step_index)
+            next_latents = mean
+            if schedule.std[i] > 0:
+                # One randn_tensor call per step in the model dtype, as the diffusers schedulers draw it.
+                noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=model_output.dtype)
+                next_latents = mean + std * noise.float()
+            if schedule.stochastic[i]:
+                log_probs.append(gaussian_log_prob(next_latents, mean, std, options.log_prob_reduction))
+            else:
+                log_probs.append(torch.zeros(len(prompts), device=self.device))
+            latents = next_latents.to(self.dtype)
+            if return_trajectory:
+                states.append(latents)
+        images = self.decode(latents) if decode else None
+        trajectory = None
+        if return_trajectory:
+            trajectory = Trajectory(
+                latents=torch.stack(states, dim=1),
+                log_probs=torch.stack(log_probs, dim=1),
+                schedule=schedule,
+                cond=cond,
+                uncond=uncond,
+                guidance_scale=options.guidance_scale,
+            )
+        return Rollout(prompts=prompts, images=images, latents=latents, trajectory=trajectory)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, h, w] → images [B, 3, H, W] in [0, 1] (differentiable if latents are)."""
+        scaled = latents / self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift:
+            scaled = scaled + shift
+        image = self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ log-probs under current weights
+    def step_log_prob(
+        self,
+        trajectory: Trajectory,
+        step_index: torch.Tensor,
+        reduction: LogProbReduction = "sum",
+        return_mean: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log π_θ(x_{i+1} | x_i, c) under the current weights, one denoiser call for the whole batch.
+
+        Args:
+            trajectory: B recorded trajectories.
+            step_index: [B] step per sample (each must be a stochastic step).
+        Returns:
+            [B] log-probs (differentiable w.r.t. the denoiser); with `return_mean`, also the step
+            mean [B, C, h, w] and std [B, 1, 1, 1] (for KL terms).
+        """
+        batch = torch.arange(len(trajectory), device=trajectory.latents.device)
+        idx = step_index.to(trajectory.latents.device).long()
+        x_t = trajectory.latents[batch, idx].to(self.device)
+        x_next = trajectory.latents[batch, idx + 1].to(self.device)
+        t = trajectory.schedule.timesteps[idx.cpu()].to(self.device)
+        cond = trajectory.cond.map(lambda v: v.to(self.device))
+        uncond = None if trajectory.uncond is None else trajectory.uncond.map(lambda v: v.to(self.device))
+        model_output = self.predict(x_t, t, cond, uncond, trajectory.guidance_scale)
+        mean, std = step_mean(trajectory.schedule, model_output, x_t, idx)
+        log_prob = gaussian_log_prob(x_next, mean, std, reduction)
+        return (log_prob, mean, std) if return_mean else log_prob
+
+    def log_prob(
+        self, trajectory: Trajectory, step_indices: torch.Tensor, reduction: LogProbReduction = "sum"
+    ) -> torch.Tensor:
+        """Re-evaluate log-probs on chosen steps. step_indices: [S] (same for all) or [B, S]. Returns [B, S]."""
+        if step_indices.ndim == 1:
+            step_indices = step_indices.unsqueeze(0).expand(len(trajectory), -1)
+        columns = [self.step_log_prob(trajectory, step_indices[:, j], reduction) for j in range(step_indices.shape[1])]
+        return torch.stack(columns, dim=1)
+
+    # ------------------------------------------------------------------ reward-gradient sampling
+    def sample_differentiable(
+        self,
+        prompts: Sequence[str],
+        options: SamplingOptions | None = None,
+        *,
+        grad_steps: int = 1,
+        generator: GeneratorArg = None,
+        seeds: Sequence[int] | None = None,
+        checkpoint: bool = True,
+        lv_rounds: int = 0,
+    ) -> Rollout:
+        """Sample with gradients through the last `grad_steps` denoiser calls (DRaFT-K / AlignProp).
+
+        The first T−K steps run under no_grad, so memory does not depend on them; each tracked denoiser
+        call is wrapped in activation checkpointing (if `checkpoint`), so memory grows slowly with K.
+        `lv_rounds` > 0 gives DRaFT-LV: after a no-grad pass to x_0, each round re-noises x_0 to the last
+        timestep and denoises it with gradients; images [lv_rounds·B, ...] are returned with prompts repeated.
+
+        Returns:
+            Rollout whose images [B, 3, H, W] carry gradients (no trajectory).
+        """
+        options = options or SamplingOptions()
+        prompts = list(prompts)
+        if seeds is not None:
+            generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        height, width, cond, uncond, schedule = self._prepare(prompts, options)
+        T = schedule.num_steps
+        if not 1 <= grad_steps <= T:
+            raise ValueError(f"grad_steps must be between 1 and num_inference_steps={T}, got {grad_steps}")
+        latents = self.initial_noise(len(prompts), height, width, generator)
+        first_tracked = T if lv_rounds > 0 else T - grad_steps
+
+        def one_step(x: torch.Tensor, i: int, noise: torch.Tensor | None) -> torch.Tensor:
+            t = schedule.timesteps[i].to(self.device).expand(x.shape[0])
+            out = self.predict(x, t, cond, uncond, options.guidance_scale)
+            mean, std = step_mean(schedule, out, x, torch.full((x.shape[0],), i, dtype=torch.long))
+            return mean if noise is None else mean + std * noise
+
+        for i in range(T):
+            noise = None
+            if schedule.std[i] > 0:
+                noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=self.dtype).float()
+            if i < first_tracked:
+                with torch.no_grad():
+                    latents = one_step(latents, i, noise).to(self.dtype)
+            elif checkpoint:
+                latents = torch.utils.checkpoint.checkpoint(one_step, latents, i, noise, use_reentrant=False)
+            else:
+                latents = one_step(latents, i, noise)
+
+        if lv_rounds > 0:
+            latents = self._lv_denoise(latents.detach(), schedule, cond, uncond, options, lv_rounds, generator)
+            prompts = prompts * lv_rounds
+        decode = self.decode
+        if checkpoint and torch.is_grad_enabled():
+            images = torch.utils.checkpoint.checkpoint(decode, latents, use_reentrant=False)
+        else:
+            images = decode(latents)
+        return Rollout(prompts=prompts, images=images, latents=latents, trajectory=None)
+
+    def _lv_denoise(
+        self,
+        x0: torch.Tensor,
+        schedule: StepSchedule,
+        cond: PromptEmbeds,
+        uncond: PromptEmbeds | None,
+        options: SamplingOptions,
+        rounds: int,
+        generator: GeneratorArg,
+    ) -> torch.Tensor:
+        """DRaFT-LV: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε at the last timestep, then x̂_0 with gradients; [rounds·B, ...]."""
+        last = schedule.num_steps - 1
+        alpha = schedule.alpha_prod[last].float().to(self.device)
+        t = schedule.timesteps[last].to(self.device)
+        estimates = []
+        for _ in range(rounds):
+            eps = randn_tensor(x0.shape, generator=generator, device=self.device, dtype=self.dtype).float()
+            x_t = alpha.sqrt() * x0.float() + (1 - alpha).sqrt() * eps
+            out = self.predict(x_t.to(self.dtype), t.expand(x0.shape[0]), cond, uncond, options.guidance_scale)
+            from genalign.sampling import predicted_x0_and_eps
+
+            x0_hat, _ = predicted_x0_and_eps(out.float(), x_t, alpha, schedule.prediction_type)
+            estimates.append(x0_hat)
+        return torch.cat(estimates)
+
+
+def _read_model_index(source: str, **kwargs) -> dict:
+    """model_index.json of a local folder or hub repo (which components exist, pipeline flags)."""
+    if os.path.isdir(source):
+        index_path = Path(source) / "model_index.json"
+        if not index_path.exists():
+            raise ModelLoadError(
+                f"'{source}' has no model_index.json; it is not a diffusers pipeline folder. "
+                "Save one with pipe.save_pretrained(folder) or DiffusionGenerator.save_pretrained(folder)."
+            )
+        return json.loads(index_path.read_text())
+    from huggingface_hub import hf_hub_download
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return json.loads(Path(hf_hub_download(source, "model_index.json", **kwargs)).read_text())

@@ -1,0 +1,174 @@
+"""Tiny random-initialised text-to-image models with the real Stable Diffusion layouts.
+
+They exist so that every code path that loads a real checkpoint (a diffusers folder or a hub id) can be
+exercised offline: the components are the same diffusers/transformers classes as SD 1.x/2.x and SDXL,
+only a thousand times smaller. Weights are random, so images are noise-like until fine-tuned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+Layout = Literal["sd", "sdxl"]
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins that CLIP's byte-level BPE uses for raw bytes."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codepoints = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            codepoints.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codepoints]
+
+
+def character_clip_tokenizer(model_max_length: int = 16) -> CLIPTokenizer:
+    """A CLIPTokenizer whose vocabulary is single byte-characters (no merges), built with no download.
+
+    Real CLIP tokenizers load through the same class; this one just spells every word letter by letter.
+    """
+    alphabet = _byte_level_alphabet()
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({ch + "</w>": len(alphabet) + i for i, ch in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file = os.path.join(tmp, "vocab.json")
+        merges_file = os.path.join(tmp, "merges.txt")
+        with open(vocab_file, "w", encoding="utf-8") as f:
+            json.dump(vocab, f)
+        with open(merges_file, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+        return CLIPTokenizer(vocab_file, merges_file, model_max_length=model_max_length)
+
+
+def _text_config(tokenizer: CLIPTokenizer, hidden: int, seed_offset: int = 0) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def sd_scheduler() -> DDIMScheduler:
+    """DDIM with Stable Diffusion's noise schedule and step spacing."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_tiny_text_to_image(
+    layout: Layout = "sd",
+    *,
+    image_size: int = 32,
+    seed: int = 0,
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Build a random-initialised diffusers pipeline with SD 1.x/2.x (`sd`) or SDXL (`sdxl`) layout.
+
+    The VAE downsamples by 2, so `image_size` 32 gives latents of shape [4, 16, 16].
+    """
+    torch.manual_seed(seed)
+    hidden = 32
+    latent_size = image_size // 2
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=image_size,
+    )
+    scheduler = sd_scheduler()
+    scheduler.register_to_config(prediction_type=prediction_type)
+    tokenizer = character_clip_tokenizer()
+    unet_kwargs = dict(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+    if layout == "sd":
+        text_encoder = CLIPTextModel(_text_config(tokenizer, hidden))
+        unet = UNet2DConditionModel(cross_attention_dim=hidden, **unet_kwargs)
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if layout == "sdxl":
+        text_encoder = CLIPTextModel(_text_config(tokenizer, hidden))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden))
+        addition_time_embed_dim = 8
+        unet = UNet2DConditionModel(
+            cross_attention_dim=2 * hidden,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=addition_time_embed_dim,
+            projection_class_embeddings_input_dim=hidden + 6 * addition_time_embed_dim,
+            transformer_layers_per_block=(1, 1),
+            **unet_kwargs,
+        )
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=character_clip_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+        )
+    raise ValueError(f"unknown layout {layout!r}; use 'sd' or 'sdxl'")
+
+
+def save_tiny_text_to_image(path: str | os.PathLike, layout: Layout = "sd", **kwargs) -> Path:
+    """Write a tiny model as a normal diffusers folder (model_index.json + one subfolder per component)."""
+    pipe = build_tiny_text_to_image(layout, **kwargs)
+    pipe.save_pretrained(path)
+    return Path(path)
