@@ -164,6 +164,9 @@ class DiffusionGenerator:
     force_zeros_for_empty_prompt: bool = False
     use_encoder_attention_mask: bool = False
     source: str | None = None
+    # The module actually called in forward passes: the denoiser itself, or its distributed wrapper
+    # (DDP/FSDP) once a Trainer has prepared it. Configs and weights are always read from `denoiser`.
+    denoiser_forward: torch.nn.Module | None = field(default=None, repr=False)
     _empty_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -392,8 +395,9 @@ class DiffusionGenerator:
         if text.pooled is not None:
             added = {"text_embeds": text.pooled, "time_ids": text.time_ids}
         mask = text.attention_mask if self.use_encoder_attention_mask else None
-        if isinstance(self.denoiser, UNet2DConditionModel) or hasattr(self.denoiser, "up_blocks"):
-            return self.denoiser(
+        forward = self.denoiser_forward or self.denoiser
+        if isinstance(self.denoiser, UNet2DConditionModel):
+            return forward(
                 latents,
                 timesteps,
                 encoder_hidden_states=text.embeds,
@@ -403,7 +407,7 @@ class DiffusionGenerator:
             )[0]
         # 2-D transformer denoisers (DiT/PixArt-style): a learned-variance head doubles the channels;
         # the DDIM/DDPM policy uses only the mean prediction, as diffusers' PixArt pipeline does.
-        out = self.denoiser(
+        out = forward(
             latents,
             encoder_hidden_states=text.embeds,
             timestep=timesteps,

@@ -95,11 +95,13 @@ def build_tiny_text_to_image(
     *,
     image_size: int = 32,
     seed: int = 0,
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction",
 ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """Build a random-initialised diffusers pipeline with SD 1.x/2.x (`sd`) or SDXL (`sdxl`) layout.
 
-    The VAE downsamples by 2, so `image_size` 32 gives latents of shape [4, 16, 16].
+    The VAE downsamples by 2, so `image_size` 32 gives latents of shape [4, 16, 16]. v-prediction (as in
+    SD 2.x) is the default because it keeps a random denoiser's x̂_0 at unit scale at every noise level
+    (x̂_0 = √ᾱ·x_t − √(1−ᾱ)·v); a random ε-predictor's x̂_0 blows up by 1/√ᾱ at high noise.
     """
     torch.manual_seed(seed)
     hidden = 32
@@ -115,6 +117,7 @@ def build_tiny_text_to_image(
         norm_num_groups=8,
         sample_size=image_size,
     )
+    _calibrate_decoder(vae, latent_size)
     scheduler = sd_scheduler()
     scheduler.register_to_config(prediction_type=prediction_type)
     tokenizer = character_clip_tokenizer()
@@ -132,6 +135,7 @@ def build_tiny_text_to_image(
     if layout == "sd":
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden))
         unet = UNet2DConditionModel(cross_attention_dim=hidden, **unet_kwargs)
+        _calibrate_unet(unet, latent_size, hidden)
         return StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -154,6 +158,7 @@ def build_tiny_text_to_image(
             transformer_layers_per_block=(1, 1),
             **unet_kwargs,
         )
+        _calibrate_unet(unet, latent_size, 2 * hidden, pooled_dim=hidden)
         return StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -165,6 +170,33 @@ def build_tiny_text_to_image(
             force_zeros_for_empty_prompt=True,
         )
     raise ValueError(f"unknown layout {layout!r}; use 'sd' or 'sdxl'")
+
+
+@torch.no_grad()
+def _calibrate_unet(unet: UNet2DConditionModel, latent_size: int, cross_dim: int, pooled_dim: int = 0) -> None:
+    """Scale the random UNet's output layer so its noise prediction has unit variance, as a trained one does.
+
+    An uncalibrated random UNet predicts noise ~10× too large, so sampled latents explode and decoded
+    images saturate — nothing a reward fine-tuning test could move.
+    """
+    x = torch.randn(4, unet.config.in_channels, latent_size, latent_size)
+    text = torch.randn(4, 8, cross_dim)
+    added = None
+    if pooled_dim:
+        added = {"text_embeds": torch.randn(4, pooled_dim), "time_ids": torch.ones(4, 6)}
+    out = unet(x, torch.full((4,), 500), encoder_hidden_states=text, added_cond_kwargs=added).sample
+    unet.conv_out.weight.div_(out.std())
+    unet.conv_out.bias.zero_()
+
+
+@torch.no_grad()
+def _calibrate_decoder(vae: AutoencoderKL, latent_size: int) -> None:
+    """Scale the random decoder so unit-variance latents decode to images with low contrast (std ≈ 0.2
+    in [-1, 1], leaving JPEG-size headroom both ways), and set the latent scaling factor to 1 (our latents are unit-variance by construction)."""
+    vae.register_to_config(scaling_factor=1.0)
+    image = vae.decode(torch.randn(4, vae.config.latent_channels, latent_size, latent_size)).sample
+    vae.decoder.conv_out.weight.mul_(0.2 / image.std())
+    vae.decoder.conv_out.bias.zero_()
 
 
 def save_tiny_text_to_image(path: str | os.PathLike, layout: Layout = "sd", **kwargs) -> Path:

@@ -1,0 +1,194 @@
+"""The `genalign` command: finetune, sample, gallery.
+
+    genalign finetune --config configs/ddpo_tiny.yaml trainer.learning_rate=1e-3
+    genalign sample --run runs/ddpo_tiny --prompts prompts.txt --n 4 --out samples/
+    genalign gallery --run runs/ddpo_tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from genalign.config import ConfigError, build_config, load_yaml
+
+
+def load_run_config(run_dir: str | Path):
+    """The pipeline config a run was trained with (its config.yaml)."""
+    from pipelines import get_pipeline
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"'{run_dir}' is not a run folder (no config.yaml); pass the output_dir of a finetune run")
+    data = load_yaml(path)
+    cls = get_pipeline(data.get("pipeline", ""))
+    return build_config(cls.config_class, data)
+
+
+def load_run_generator(run_dir: str | Path, checkpoint: str = "latest", trained: bool = True):
+    """(generator with the run's trained weights — or the base model if not `trained` —, run config)."""
+    from genalign.engine import build_generator
+    from genalign.trainer import load_trained_weights, resolve_checkpoint
+
+    config = load_run_config(run_dir)
+    generator = build_generator(config.model)
+    if trained:
+        path = resolve_checkpoint(checkpoint, Path(run_dir))
+        if path is None:
+            raise ConfigError(f"run '{run_dir}' has no checkpoint yet; train longer or pass --base")
+        load_trained_weights(generator.denoiser, config.trainer, path)
+    return generator, config
+
+
+def _device() -> torch.device:
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from pipelines import get_pipeline
+
+    data = load_yaml(args.config)
+    if "pipeline" not in data:
+        raise ConfigError(f"config '{args.config}' has no 'pipeline:' key; add e.g. 'pipeline: ddpo'")
+    cls = get_pipeline(str(data["pipeline"]))
+    config = build_config(cls.config_class, data, args.overrides)
+    metrics = cls(config).train()
+    print(json.dumps({k: round(v, 5) for k, v in metrics.items()}))
+    print(f"run folder: {config.trainer.output_dir}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from genalign.engine import build_reward, read_prompt_file
+    from genalign.gallery import _to_pil
+
+    prompts = read_prompt_file(args.prompts)
+    generator, config = load_run_generator(args.run, args.checkpoint, trained=not args.base)
+    generator.to(_device())
+    reward = build_reward(config.reward)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batch = [p for p in prompts for _ in range(args.n)]
+    seeds = [args.seed + i for i in range(len(batch))]
+    rollout = generator.sample(
+        batch, config.sampling.options(), seeds=seeds, batch_size=config.sampling.batch_size, return_trajectory=False
+    )
+    scores = reward(rollout.images, rollout.prompts).rewards
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+        for i, (prompt, seed) in enumerate(zip(batch, seeds)):
+            name = f"{i:05d}.png"
+            _to_pil(rollout.images[i]).save(out / name)
+            score = scores[i].tolist()
+            f.write(json.dumps({"file": name, "prompt": prompt, "seed": seed, config.reward.name: score}) + "\n")
+    print(f"wrote {len(batch)} images to {out}")
+    return 0
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from genalign.engine import build_reward, load_prompts, read_prompt_file
+    from genalign.gallery import GalleryImage, PromptRow, write_gallery
+
+    run = Path(args.run)
+    base, config = load_run_generator(run, trained=False)
+    tuned, _ = load_run_generator(run, args.checkpoint, trained=True)
+    prompts = read_prompt_file(args.prompts) if args.prompts else load_prompts(config.prompts)[1]
+    prompts = prompts[: args.max_prompts]
+    reward = build_reward(config.reward)
+    batch = [p for p in prompts for _ in range(args.n)]
+    seeds = [args.seed + i for i in range(len(batch))]
+    device = _device()
+    results = {}
+    for name, generator in (("before", base), ("after", tuned)):
+        generator.to(device)
+        rollout = generator.sample(
+            batch, config.sampling.options(), seeds=seeds, batch_size=config.sampling.batch_size,
+            return_trajectory=False,
+        )
+        scores = reward(rollout.images, rollout.prompts).rewards
+        scores = scores if scores.ndim == 1 else scores.sum(dim=1)
+        results[name] = (rollout.images.cpu(), scores.cpu())
+    rows = []
+    for p, prompt in enumerate(prompts):
+        sl = slice(p * args.n, (p + 1) * args.n)
+        rows.append(
+            PromptRow(
+                prompt=prompt,
+                **{
+                    name: [
+                        GalleryImage(image=img, reward=float(r), labels={"seed": str(s)})
+                        for img, r, s in zip(images[sl], scores[sl], seeds[sl])
+                    ]
+                    for name, (images, scores) in results.items()
+                },
+            )
+        )
+    summary = {
+        "reward": config.reward.name,
+        "mean reward before": float(results["before"][1].mean()),
+        "mean reward after": float(results["after"][1].mean()),
+        "samples per grid": args.n,
+    }
+    metrics = run / "metrics.jsonl"
+    index = write_gallery(
+        Path(args.out) if args.out else run / "gallery",
+        rows,
+        title=f"{config.pipeline}: {run.name}",
+        summary=summary,
+        metrics_path=metrics if metrics.exists() else None,
+        plot_keys=("reward_mean", "eval_reward_mean", "approx_kl", "grad_norm"),
+    )
+    print(json.dumps({k: v for k, v in summary.items()}))
+    print(f"gallery: {index.resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genalign", description="Reward fine-tuning of generative models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    finetune = sub.add_parser("finetune", help="fine-tune a model with a pipeline config")
+    finetune.add_argument("--config", required=True, help="YAML config (see configs/)")
+    finetune.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.learning_rate=1e-4")
+    finetune.set_defaults(func=cmd_finetune)
+
+    sample = sub.add_parser("sample", help="sample images from a fine-tuned run")
+    sample.add_argument("--run", required=True, help="a finetune run folder (trainer.output_dir)")
+    sample.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    sample.add_argument("--n", type=int, default=4, help="samples per prompt")
+    sample.add_argument("--out", required=True, help="folder for PNGs and samples.jsonl")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint folder")
+    sample.add_argument("--base", action="store_true", help="sample the base model instead")
+    sample.set_defaults(func=cmd_sample)
+
+    gallery = sub.add_parser("gallery", help="write an HTML page of before/after samples and reward curves")
+    gallery.add_argument("--run", required=True)
+    gallery.add_argument("--prompts", help="prompt file (default: the run's eval prompts)")
+    gallery.add_argument("--n", type=int, default=4, help="samples per prompt")
+    gallery.add_argument("--max-prompts", type=int, default=8)
+    gallery.add_argument("--seed", type=int, default=0)
+    gallery.add_argument("--checkpoint", default="latest")
+    gallery.add_argument("--out", help="output folder (default: RUN/gallery)")
+    gallery.set_defaults(func=cmd_gallery)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, OSError, ValueError) as error:
+        # One clear line instead of a traceback for problems the user can fix.
+        print(f"genalign {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Pieces every diffusion pipeline shares: config sections, model/prompt/reward loading, epoch plans, evaluation.
+
+The epoch plan is what makes runs reproducible across process counts: each global sample index has its own
+prompt and noise seed, and the processes split the indices so that every optimiser update sees the same set
+of samples whether 1 or N processes run (see `EpochPlan`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from genalign.config import ConfigError
+from genalign.generators.diffusion import DiffusionGenerator, SamplingOptions
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune: a diffusers folder or hub id (SD 1.x/2.x or SDXL layout)."""
+
+    pretrained: str = "runs/worlds/tiny-sd"
+    revision: str | None = None
+    scheduler: Literal["ddim", "ddpm"] | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass
+class PromptConfig:
+    """Training prompts (a file with one prompt per line, or a list) and held-out evaluation prompts."""
+
+    file: str | None = None
+    prompts: list[str] = field(default_factory=list)
+    eval_file: str | None = None
+    eval_prompts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RewardConfig:
+    """A reward from the `rewards` registry, by name, with constructor arguments."""
+
+    name: str = "jpeg_incompressibility"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplingConfig:
+    """Sampler settings; `log_prob_reduction` is "sum" (the true density) or "mean" over latent elements."""
+
+    num_inference_steps: int = 10
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    log_prob_reduction: Literal["sum", "mean"] = "sum"
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 16
+
+    def options(self) -> SamplingOptions:
+        return SamplingOptions(
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            eta=self.eta,
+            log_prob_reduction=self.log_prob_reduction,
+            height=self.height,
+            width=self.width,
+        )
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: every `every` epochs, `samples_per_prompt` fixed-seed samples per eval prompt."""
+
+    every: int = 5
+    samples_per_prompt: int = 2
+    seed: int = 10_000
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_generator(config: ModelConfig) -> DiffusionGenerator:
+    return DiffusionGenerator.from_pretrained(
+        config.pretrained,
+        torch_dtype=_DTYPES[config.dtype],
+        revision=config.revision,
+        scheduler=config.scheduler,
+    )
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per non-empty line; a missing or empty file is an error that says what to pass."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompt file '{path}' does not exist; pass a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompt file '{path}' has no prompts (no non-empty lines); put one prompt per line")
+    return prompts
+
+
+def load_prompts(config: PromptConfig) -> tuple[list[str], list[str]]:
+    """(training prompts, eval prompts). Eval prompts default to the training prompts."""
+    train = read_prompt_file(config.file) if config.file else list(config.prompts)
+    if not train:
+        raise ConfigError("no training prompts: set prompts.file to a text file or prompts.prompts to a list")
+    evaluation = read_prompt_file(config.eval_file) if config.eval_file else list(config.eval_prompts)
+    return train, evaluation or train
+
+
+def build_reward(config: RewardConfig):
+    from rewards import build_reward as build
+
+    return build(config.name, **config.kwargs)
+
+
+@dataclass
+class EpochPlan:
+    """Which samples one epoch draws, and which process draws (and trains on) which.
+
+    Global sample i has prompt `prompt_index[i]` and noise seed `seeds[i]`, independent of the number of
+    processes. A seeded permutation `order` of the N global samples is dealt round-robin: process p holds
+    `order[p::P]`, so its j-th local sample is `order[j·P + p]`. An update that takes local positions
+    [a, b) on every process therefore trains on `order[a·P : b·P]` — the same global set for any P.
+
+    Attributes:
+        prompt_index: [N] index into the prompt list for each global sample.
+        seeds: [N] per-sample noise seeds.
+        order: [N] permutation of global indices.
+        local: global indices held by this process, in training order.
+    """
+
+    prompt_index: np.ndarray
+    seeds: np.ndarray
+    order: np.ndarray
+    local: np.ndarray
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        seed: int,
+        epoch: int,
+        num_prompts: int,
+        prompts_per_epoch: int,
+        samples_per_prompt: int,
+        num_processes: int = 1,
+        process_index: int = 0,
+    ) -> "EpochPlan":
+        n = prompts_per_epoch * samples_per_prompt
+        if n % num_processes:
+            raise ConfigError(
+                f"{prompts_per_epoch} prompts × {samples_per_prompt} samples = {n} samples per epoch do not split "
+                f"evenly over {num_processes} processes; make the product a multiple of {num_processes}"
+            )
+        rng = np.random.default_rng([seed, epoch])
+        chosen = rng.choice(num_prompts, size=prompts_per_epoch, replace=prompts_per_epoch > num_prompts)
+        prompt_index = np.repeat(chosen, samples_per_prompt)
+        seeds = rng.integers(0, 2**31 - 1, size=n)
+        order = rng.permutation(n)
+        return cls(prompt_index, seeds, order, order[process_index::num_processes])
+
+    def stream(self, name: str, global_index: int) -> np.random.Generator:
+        """A random stream private to one global sample (e.g. its training timesteps)."""
+        return np.random.default_rng([int(self.seeds[global_index]), sum(map(ord, name))])
+
+
+def evaluate(
+    generator: DiffusionGenerator,
+    reward,
+    prompts: list[str],
+    options: SamplingOptions,
+    *,
+    samples_per_prompt: int,
+    seed: int,
+    batch_size: int,
+    gather=None,
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> dict[str, float]:
+    """Mean/std reward of fixed-seed samples on held-out prompts (sharded over processes, then gathered)."""
+    all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+    seeds = [seed + i for i in range(len(all_prompts))]
+    mine = list(range(process_index, len(all_prompts), num_processes))
+    if not mine:
+        values = torch.zeros(0, device=generator.device)
+    else:
+        rollout = generator.sample(
+            [all_prompts[i] for i in mine],
+            options,
+            seeds=[seeds[i] for i in mine],
+            batch_size=batch_size,
+            return_trajectory=False,
+        )
+        values = reward(rollout.images, rollout.prompts).rewards
+        values = values if values.ndim == 1 else values.sum(dim=1)
+    if gather is not None and num_processes > 1:
+        values = gather(values)
+    return {"eval_reward_mean": float(values.mean()), "eval_reward_std": float(values.std(unbiased=False))}

@@ -1,0 +1,39 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+# Tests run on the CPU with both cores; keep torch from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+
+
+def generator_from_pipe(pipe):
+    from genalign.generators.diffusion import DiffusionGenerator
+
+    return DiffusionGenerator(
+        denoiser=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        force_zeros_for_empty_prompt=hasattr(pipe, "text_encoder_2"),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random SD-layout model written as a normal diffusers folder."""
+    from genalign.worlds.tiny import save_tiny_text_to_image
+
+    return save_tiny_text_to_image(tmp_path_factory.mktemp("models") / "tiny-sd", "sd")
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red circle\na blue square\ntwo green stars\na yellow sun\n")
+    return path
