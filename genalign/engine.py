@@ -25,7 +25,7 @@ class ModelConfig:
     pretrained: str = "runs/worlds/tiny-sd"
     revision: str | None = None
     scheduler: Literal["ddim", "ddpm"] | None = None
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
 
 
 @dataclass
@@ -78,7 +78,7 @@ class EvalConfig:
     seed: int = 10_000
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def build_generator(config: ModelConfig) -> DiffusionGenerator:

@@ -115,13 +115,18 @@ class StepSchedule:
         )
 
     def gather(self, step_index: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per-sample (ᾱ_t, ᾱ_prev, σ) for step indices [B], shaped to broadcast against `like` [B, ...]."""
+        """Per-sample (ᾱ_t, ᾱ_prev, σ) for step indices [B], shaped and typed to broadcast against `like`."""
         shape = (-1,) + (1,) * (like.ndim - 1)
         idx = step_index.detach().cpu().long()
         out = []
         for values in (self.alpha_prod, self.alpha_prod_prev, self.std):
-            out.append(values[idx].to(device=like.device, dtype=torch.float32).reshape(shape))
+            out.append(values[idx].to(device=like.device, dtype=like.dtype).reshape(shape))
         return tuple(out)
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """Step arithmetic runs in float32 at least (half-precision models), float64 for float64 models."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def predicted_x0_and_eps(
@@ -151,10 +156,11 @@ def step_mean(
         sample: x_t [B, C, H, W].
         step_index: [B] index into the schedule (samples may sit at different steps).
     Returns:
-        (mean [B, C, H, W], std [B, 1, 1, 1]) in float32.
+        (mean [B, C, H, W], std [B, 1, 1, 1]) in float32 (float64 for a float64 model).
     """
-    model_output = model_output.float()
-    sample = sample.float()
+    dtype = compute_dtype(model_output)
+    model_output = model_output.to(dtype)
+    sample = sample.to(dtype)
     alpha_prod, alpha_prev, std = schedule.gather(step_index, sample)
     x0, eps = predicted_x0_and_eps(model_output, sample, alpha_prod, schedule.prediction_type)
     if schedule.clip_sample_range is not None:
@@ -181,15 +187,16 @@ def gaussian_log_prob(
     Args:
         next_sample, mean: [B, ...]; std: broadcastable to them, all > 0.
     Returns:
-        [B] float32.
+        [B] in float32 or wider.
     """
     if bool((std <= 0).any()):
         raise ValueError(
             "a deterministic step (σ = 0) has no density; train only on stochastic steps "
             "(StepSchedule.stochastic) or sample with eta > 0"
         )
-    next_sample = next_sample.float()
-    std = std.float()
+    dtype = compute_dtype(mean)
+    next_sample = next_sample.to(dtype)
+    std = std.to(dtype)
     per_element = (
         -((next_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     )

@@ -140,7 +140,10 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.output_dir)
         self.accelerator = Accelerator(
-            mixed_precision=config.mixed_precision, gradient_accumulation_steps=accumulation_steps
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=accumulation_steps,
+            # accelerate treats a torchrun launch as multi-CPU (gloo) only when told the run is CPU-only.
+            cpu=not _has_accelerator(),
         )
         set_seed(config.seed)
         self.generator = generator
@@ -160,7 +163,8 @@ class Trainer:
             raise ValueError("no trainable parameters: check lora.target_modules against the denoiser's module names")
         # Train in float32 even if the model was loaded in half precision; autocast handles mixed precision.
         for p in self.parameters:
-            p.data = p.data.float()
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
         self.optimizer = torch.optim.AdamW(
             self.parameters,
             lr=config.learning_rate,
@@ -206,6 +210,15 @@ class Trainer:
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate a tensor across processes along dim 0 (identity with one process)."""
         return self.accelerator.gather(tensor.contiguous())
+
+    def mean_across_processes(self, values: dict[str, float]) -> dict[str, float]:
+        """Average scalar statistics over processes, so logs describe the global batch."""
+        if self.num_processes == 1 or not values:
+            return values
+        keys = sorted(values)
+        stacked = torch.tensor([values[k] for k in keys], device=self.device, dtype=torch.float64)
+        reduced = self.accelerator.reduce(stacked, reduction="mean")
+        return {k: float(v) for k, v in zip(keys, reduced.tolist())}
 
     # ------------------------------------------------------------------ optimisation
     def accumulate(self):
@@ -343,7 +356,7 @@ class Trainer:
         if self.is_main:
             save_file(state, str(tmp / "trainable.safetensors"))
             if self.config.lora.enabled:
-                acc.unwrap_model(self.generator.denoiser_forward).save_lora_adapter(str(tmp / "lora"))
+                self.generator.save_lora_weights(tmp / "lora")
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if self.ema is not None:
@@ -440,6 +453,12 @@ class Trainer:
         else:
             with self.ema.swapped_in():
                 yield
+
+
+def _has_accelerator() -> bool:
+    from accelerate.utils import is_npu_available, is_xpu_available
+
+    return torch.cuda.is_available() or is_xpu_available() or is_npu_available() or torch.backends.mps.is_available()
 
 
 def add_lora(denoiser: torch.nn.Module, config: LoRAConfig) -> None:

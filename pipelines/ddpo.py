@@ -252,7 +252,7 @@ class DDPOPipeline:
                          "sampling and training compute different log-probs (dropout? dtype?)")
         out = {key: value / count for key, value in sums.items()}
         out["ratio_first"] = first_ratio if first_ratio is not None else float("nan")
-        return out
+        return trainer.mean_across_processes(out)
 
     def _evaluate(self, trainer: Trainer) -> dict[str, float]:
         c = self.config

@@ -23,7 +23,14 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from genalign.sampling import LogProbReduction, StepSchedule, gaussian_log_prob, step_mean
+from genalign.sampling import (
+    LogProbReduction,
+    StepSchedule,
+    compute_dtype,
+    gaussian_log_prob,
+    predicted_x0_and_eps,
+    step_mean,
+)
 
 GeneratorArg = torch.Generator | list[torch.Generator] | None
 
@@ -251,6 +258,20 @@ class DiffusionGenerator:
         pipe = self.as_diffusers_pipeline()
         pipe.save_pretrained(path)
         return path
+
+    def save_lora_weights(self, path: str | os.PathLike) -> Path:
+        """Write the denoiser's LoRA adapter as `pytorch_lora_weights.safetensors` in diffusers' format,
+        so a plain diffusers pipeline of the same base model loads it with `pipe.load_lora_weights(path)`."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser))
+        layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+        pipeline_class = StableDiffusionXLPipeline if self.text_encoder_2 is not None else StableDiffusionPipeline
+        metadata = self.denoiser.peft_config["default"].to_dict()
+        pipeline_class.save_lora_weights(path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+        return Path(path)
 
     def as_diffusers_pipeline(self):
         """The equivalent plain diffusers pipeline, sharing these modules (no copies)."""
@@ -514,7 +535,7 @@ class DiffusionGenerator:
             if schedule.std[i] > 0:
                 # One randn_tensor call per step in the model dtype, as the diffusers schedulers draw it.
                 noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=model_output.dtype)
-                next_latents = mean + std * noise.float()
+                next_latents = mean + std * noise.to(mean.dtype)
             if schedule.stochastic[i]:
                 log_probs.append(gaussian_log_prob(next_latents, mean, std, options.log_prob_reduction))
             else:
@@ -619,12 +640,12 @@ class DiffusionGenerator:
             t = schedule.timesteps[i].to(self.device).expand(x.shape[0])
             out = self.predict(x, t, cond, uncond, options.guidance_scale)
             mean, std = step_mean(schedule, out, x, torch.full((x.shape[0],), i, dtype=torch.long))
-            return mean if noise is None else mean + std * noise
+            return mean if noise is None else mean + std * noise.to(mean.dtype)
 
         for i in range(T):
             noise = None
             if schedule.std[i] > 0:
-                noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=self.dtype).float()
+                noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=self.dtype)
             if i < first_tracked:
                 with torch.no_grad():
                     latents = one_step(latents, i, noise).to(self.dtype)
@@ -655,16 +676,14 @@ class DiffusionGenerator:
     ) -> torch.Tensor:
         """DRaFT-LV: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε at the last timestep, then x̂_0 with gradients; [rounds·B, ...]."""
         last = schedule.num_steps - 1
-        alpha = schedule.alpha_prod[last].float().to(self.device)
+        alpha = schedule.alpha_prod[last].to(device=self.device, dtype=compute_dtype(x0))
         t = schedule.timesteps[last].to(self.device)
         estimates = []
         for _ in range(rounds):
-            eps = randn_tensor(x0.shape, generator=generator, device=self.device, dtype=self.dtype).float()
-            x_t = alpha.sqrt() * x0.float() + (1 - alpha).sqrt() * eps
+            eps = randn_tensor(x0.shape, generator=generator, device=self.device, dtype=self.dtype).to(alpha.dtype)
+            x_t = alpha.sqrt() * x0.to(alpha.dtype) + (1 - alpha).sqrt() * eps
             out = self.predict(x_t.to(self.dtype), t.expand(x0.shape[0]), cond, uncond, options.guidance_scale)
-            from genalign.sampling import predicted_x0_and_eps
-
-            x0_hat, _ = predicted_x0_and_eps(out.float(), x_t, alpha, schedule.prediction_type)
+            x0_hat, _ = predicted_x0_and_eps(out.to(alpha.dtype), x_t, alpha, schedule.prediction_type)
             estimates.append(x0_hat)
         return torch.cat(estimates)
 

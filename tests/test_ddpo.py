@@ -1,0 +1,190 @@
+"""DDPO: exact loss, per-prompt statistics, epoch plans, resume, distributed equivalence, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genalign.config import ConfigError, build_config
+from genalign.engine import EpochPlan
+from genalign.stats import PerPromptStatTracker
+from pipelines.ddpo import DDPOConfig, DDPOPipeline, ddpo_loss
+from rewards import Reward, RewardError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red circle", "a blue square", "two green stars", "a yellow sun"]
+
+
+def tiny_config(model_dir, out_dir, **overrides) -> DDPOConfig:
+    data = {
+        "model": {"pretrained": str(model_dir)},
+        "prompts": {"prompts": PROMPTS},
+        "sampling": {"num_inference_steps": 3, "guidance_scale": 2.0, "batch_size": 8},
+        "trainer": {"output_dir": str(out_dir), "learning_rate": 1e-3, "progress": False, "checkpoint_every": 1},
+        "eval": {"every": 100, "samples_per_prompt": 1},
+        "epochs": 3,
+        "prompts_per_epoch": 2,
+        "samples_per_prompt": 2,
+        "train_batch_size": 2,
+        "stat_min_count": 2,
+    }
+    return build_config(DDPOConfig, data, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_ddpo_is_loss_matches_hand_computation():
+    lp = torch.tensor([-1.0, -2.0, -3.0, -0.5])
+    old = torch.tensor([-1.0, -2.1, -2.9, -0.5])
+    adv = torch.tensor([1.0, -1.0, 2.0, 0.5])
+    eps = 0.05
+    loss, stats = ddpo_loss(lp, old, adv, eps, "is")
+    expected = []
+    for l, o, a in zip(lp.tolist(), old.tolist(), adv.tolist()):
+        r = np.exp(l - o)
+        expected.append(max(-a * r, -a * np.clip(r, 1 - eps, 1 + eps)))
+    assert float(loss) == pytest.approx(np.mean(expected), rel=1e-6)
+    assert float(stats["clipfrac"]) == pytest.approx(0.5)
+    sf, _ = ddpo_loss(lp, old, adv, eps, "sf")
+    assert float(sf) == pytest.approx(float((-adv * lp).mean()))
+
+
+def test_ddpo_is_gradient_at_ratio_one_is_reinforce():
+    lp = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    adv = torch.tensor([1.0, -0.5, 2.0])
+    loss, _ = ddpo_loss(lp, lp.detach(), adv, 1e-4, "is")
+    loss.backward()
+    assert torch.allclose(lp.grad, -adv / 3)
+
+
+def test_per_prompt_tracker_uses_batch_stats_until_min_count():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    adv, flat = tracker.update(["a", "a", "b", "b"], np.array([1.0, 3.0, 5.0, 5.0]))
+    batch = np.array([1.0, 3.0, 5.0, 5.0])
+    assert np.allclose(adv, (batch - batch.mean()) / (batch.std() + 1e-6))
+    assert flat == 0.5
+    adv, _ = tracker.update(["a", "a"], np.array([2.0, 4.0]))
+    a = np.array([1.0, 3.0, 2.0, 4.0])
+    assert np.allclose(adv, (np.array([2.0, 4.0]) - a.mean()) / (a.std() + 1e-6))
+    restored = PerPromptStatTracker()
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert restored.state_dict() == tracker.state_dict()
+
+
+def test_epoch_plan_gives_every_update_the_same_samples_for_any_process_count():
+    kwargs = dict(seed=3, epoch=5, num_prompts=7, prompts_per_epoch=4, samples_per_prompt=3)
+    single = EpochPlan.make(**kwargs)
+    shards = [EpochPlan.make(**kwargs, num_processes=3, process_index=p) for p in range(3)]
+    assert all((s.seeds == single.seeds).all() and (s.prompt_index == single.prompt_index).all() for s in shards)
+    per_update = 2  # local samples per update on each of 3 processes
+    for u in range(2):
+        union = sorted(int(g) for s in shards for g in s.local[u * per_update : (u + 1) * per_update])
+        assert union == sorted(single.local[u * per_update * 3 : (u + 1) * per_update * 3].tolist())
+
+
+class CountingReward(Reward):
+    """JPEG-free stand-in: mean brightness; can be told to fail or return NaN on a given call."""
+
+    name = "test_brightness"
+    modality = "image"
+    kind = "instance"
+    differentiable = False
+    objectives = ("brightness",)
+
+    def __init__(self, fail_on_call=None, nan_on_call=None):
+        super().__init__()
+        self.calls, self.fail_on_call, self.nan_on_call = 0, fail_on_call, nan_on_call
+
+    def score(self, images, conditions=None):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise KeyboardInterrupt("simulated stop")
+        out = images.mean(dim=(1, 2, 3))
+        if self.calls == self.nan_on_call:
+            out = out.clone()
+            out[0] = float("nan")
+        return out
+
+
+def _weights(run_dir, step):
+    return load_file(str(Path(run_dir) / "checkpoints" / f"step_{step:06d}" / "trainable.safetensors"))
+
+
+def test_resume_equals_uninterrupted_run(tiny_sd_dir, tmp_path):
+    # Reward calls: 1 = base eval, then one per epoch (eval.every is large).
+    straight = tiny_config(tiny_sd_dir, tmp_path / "straight", epochs=4, **{"trainer.keep_checkpoints": 0})
+    DDPOPipeline(straight, reward=CountingReward()).train()
+
+    interrupted = tiny_config(tiny_sd_dir, tmp_path / "resumed", epochs=4, **{"trainer.keep_checkpoints": 0})
+    with pytest.raises(KeyboardInterrupt):
+        DDPOPipeline(interrupted, reward=CountingReward(fail_on_call=4)).train()  # stops during epoch 2
+    ckpts = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert ckpts == ["step_000000", "step_000001"]
+    resumed = tiny_config(tiny_sd_dir, tmp_path / "resumed", epochs=4, **{"trainer.resume": "latest"})
+    DDPOPipeline(resumed, reward=CountingReward()).train()
+
+    a, b = _weights(tmp_path / "straight", 3), _weights(tmp_path / "resumed", 3)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    # The log is the same too: records after the checkpoint were dropped and rewritten.
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [-1, 0, 1, 2, 3]
+    rewards = lambda d: [json.loads(l).get("reward_mean") for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert np.allclose(rewards(tmp_path / "straight")[1:], rewards(tmp_path / "resumed")[1:], atol=1e-6)
+
+
+def test_nan_reward_is_one_clear_error_and_checkpoints_stay_whole(tiny_sd_dir, tmp_path):
+    config = tiny_config(tiny_sd_dir, tmp_path / "run", epochs=3)
+    with pytest.raises(RewardError, match="NaN for 1 of 4"):
+        DDPOPipeline(config, reward=CountingReward(nan_on_call=3)).train()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step_000000"]
+    assert (checkpoints / "step_000000" / "trainer_state.json").exists()
+
+
+def test_bad_config_and_prompt_input(tiny_sd_dir, tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'trainer.learning_rate'"):
+        tiny_config(tiny_sd_dir, tmp_path, **{"trainer.learnig_rate": 1})
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    config = tiny_config(tiny_sd_dir, tmp_path)
+    config.prompts.file = str(empty)
+    with pytest.raises(ConfigError, match="has no prompts"):
+        DDPOPipeline(config, reward=CountingReward())
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        DDPOPipeline(tiny_config(tiny_sd_dir, tmp_path, train_batch_size=3), reward=CountingReward()).train()
+
+
+def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
+    """Same global batch and seed, 1 vs 2 gloo processes. float64 so that Adam's per-coordinate
+    normalisation cannot amplify float32 reduction-order noise (which it does, to ~1e-3 after 4 updates)."""
+    worker = ROOT / "tests" / "helpers" / "ddpo_worker.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [str(tiny_sd_dir), "model.dtype=float64"]
+    subprocess.run([sys.executable, str(worker), args[0], str(tmp_path / "one"), "train_batch_size=2", args[1]],
+                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(worker), args[0], str(tmp_path / "two"), "train_batch_size=1", args[1]],
+        check=True, env=env, capture_output=True,
+    )
+    one, two = _weights(tmp_path / "one", 1), _weights(tmp_path / "two", 1)
+    assert one.keys() == two.keys()
+    moved = max(float((one[k]).abs().max()) for k in one)
+    assert moved > 0
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5), key
+    # Both processes wrote their RNG state; advantages used rewards gathered from both.
+    assert (tmp_path / "two" / "checkpoints" / "step_000001" / "rng_state_1.pt").exists()
+    log_one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    log_two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(log_two) == len(log_one)
+    for a, b in zip(log_one, log_two):
+        for key in ("reward_mean", "reward_std", "loss", "ratio_first"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-6), key
