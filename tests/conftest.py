@@ -37,3 +37,11 @@ def prompt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("a red circle\na blue square\ntwo green stars\na yellow sun\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny_dir(tmp_path_factory):
+    """The tiny SD-layout model after its short smooth-latent pre-training (what `make demo` fine-tunes)."""
+    from genalign.worlds.tiny import save_tiny_text_to_image
+
+    return save_tiny_text_to_image(tmp_path_factory.mktemp("models") / "tiny-sd-pretrained", "sd", pretrain_steps=300)

@@ -188,3 +188,33 @@ def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
         for key in ("reward_mean", "reward_std", "loss", "ratio_first"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-6), key
+
+
+def test_ddpo_raises_jpeg_incompressibility(pretrained_tiny_dir, tmp_path):
+    config = build_config(
+        DDPOConfig,
+        {
+            "model": {"pretrained": str(pretrained_tiny_dir)},
+            "prompts": {"prompts": PROMPTS, "eval_prompts": ["a small red square", "three blue dots"]},
+            "reward": {"name": "jpeg_incompressibility"},
+            "sampling": {"num_inference_steps": 5, "guidance_scale": 1.0, "log_prob_reduction": "mean", "batch_size": 32},
+            "trainer": {
+                "output_dir": str(tmp_path / "run"), "learning_rate": 1e-2, "progress": False, "checkpoint_every": 0,
+                "lora": {"rank": 16, "alpha": 16,
+                         "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_in", "conv_out"]},
+            },
+            "eval": {"every": 100, "samples_per_prompt": 8},
+            "epochs": 12,
+            "prompts_per_epoch": 8,
+            "samples_per_prompt": 8,
+            "train_batch_size": 16,
+        },
+    )
+    DDPOPipeline(config).train()
+    log = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    before, after, spread = log[0]["eval_reward_mean"], log[-1]["eval_reward_mean"], log[0]["eval_reward_std"]
+    # Held-out prompts and seeds: JPEG size grows by more than twice the base model's sample spread.
+    assert after - before > 2 * spread, (before, after, spread)
+    train = [r["reward_mean"] for r in log[1:]]
+    assert np.mean(train[-3:]) > np.mean(train[:3]) + spread
+    assert all(r["ratio_first"] == pytest.approx(1.0, abs=1e-5) for r in log[1:])

@@ -1,0 +1,251 @@
+"""Engine benchmarks, each reported as a ratio against a baseline measured in the same run.
+
+    python scripts/bench.py                 # all benchmarks, markdown table on stdout
+    python scripts/bench.py --only memory   # one of: sampling, ddpo, memory, attention
+    python scripts/bench.py --out docs/bench.json
+
+Benchmarks:
+- sampling: our sampler with per-step log-probs vs diffusers' StableDiffusionPipeline, same model/seeds/η.
+- ddpo: one DDPO update (PPO-clip loss through `step_log_prob`) vs a bare denoiser forward+backward on the
+  same batch — the price of the policy-gradient bookkeeping.
+- memory: DRaFT-K peak memory for K = 1, 2, 5, 10 with and without checkpointing of the tracked denoiser
+  calls (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS of a fresh subprocess per setting, minus the
+  RSS after loading the model).
+- attention: diffusers' fused SDPA processor (AttnProcessor2_0) vs the naive AttnProcessor, UNet forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from genalign.generators.diffusion import DiffusionGenerator, SamplingOptions  # noqa: E402
+from genalign.worlds.tiny import build_tiny_text_to_image  # noqa: E402
+
+PROMPTS = ["a red circle on a blue background", "two green stars", "a yellow sun", "a purple square"]
+
+
+def bench_pipe(image_size: int):
+    pipe = build_tiny_text_to_image("sd", image_size=image_size)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generator_of(pipe) -> DiffusionGenerator:
+    return DiffusionGenerator(
+        denoiser=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+    )
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_sampling(args) -> dict:
+    pipe = bench_pipe(args.image_size).to(args.device)
+    gen = generator_of(pipe)
+    prompts = PROMPTS * (args.batch // len(PROMPTS))
+    seeds = list(range(len(prompts)))
+    options = SamplingOptions(num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0)
+
+    def ours():
+        gen.sample(prompts, options, seeds=seeds)
+
+    def plain():
+        with torch.no_grad():
+            pipe(prompts, num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0, output_type="pt",
+                 generator=[torch.Generator().manual_seed(s) for s in seeds])
+
+    # Interleave to spread machine noise evenly over both.
+    t_plain, t_ours = [], []
+    for _ in range(args.repeats):
+        t_plain.append(timed(plain, 1))
+        t_ours.append(timed(ours, 1))
+    base, mine = statistics.median(t_plain), statistics.median(t_ours)
+    return {
+        "benchmark": f"sampling {len(prompts)} images, {args.steps} DDIM steps, CFG, {args.image_size}px",
+        "baseline": "diffusers StableDiffusionPipeline",
+        "baseline_s": base,
+        "ours_s": mine,
+        "ratio": mine / base,
+    }
+
+
+def bench_ddpo(args) -> dict:
+    from pipelines.ddpo import ddpo_loss
+
+    pipe = bench_pipe(args.image_size).to(args.device)
+    gen = generator_of(pipe)
+    gen.denoiser.requires_grad_(True)
+    prompts = PROMPTS * (args.batch // len(PROMPTS))
+    options = SamplingOptions(num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0)
+    traj = gen.sample(prompts, options, seeds=list(range(len(prompts)))).trajectory
+    step = torch.full((len(prompts),), args.steps // 2)
+    adv = torch.randn(len(prompts))
+
+    def update():
+        lp = gen.step_log_prob(traj, step)
+        loss, _ = ddpo_loss(lp, traj.log_probs[:, args.steps // 2], adv.to(lp.device), 1e-4)
+        loss.backward()
+        gen.denoiser.zero_grad(set_to_none=True)
+
+    x = traj.latents[:, args.steps // 2]
+    t = traj.schedule.timesteps[args.steps // 2].expand(len(prompts)).to(x.device)
+
+    def bare():
+        out = gen.predict(x, t, traj.cond, traj.uncond, traj.guidance_scale)
+        out.float().pow(2).mean().backward()
+        gen.denoiser.zero_grad(set_to_none=True)
+
+    base, mine = timed(bare, args.repeats), timed(update, args.repeats)
+    return {
+        "benchmark": f"DDPO update on {len(prompts)} samples (one timestep, CFG)",
+        "baseline": "bare denoiser forward+backward, same batch",
+        "baseline_s": base,
+        "ours_s": mine,
+        "ratio": mine / base,
+        "ddpo_updates_per_s": 1 / mine,
+    }
+
+
+def _memory_child(k: int, checkpoint: bool, image_size: int, batch: int, steps: int, device: str) -> None:
+    """Runs in a fresh process: one DRaFT-K forward+backward; prints peak memory above the loaded model."""
+    from rewards import build_reward
+
+    pipe = bench_pipe(image_size).to(device)
+    gen = generator_of(pipe)
+    gen.denoiser.requires_grad_(True)
+    reward = build_reward("colorfulness")
+    options = SamplingOptions(num_inference_steps=steps, guidance_scale=5.0, eta=0.0)
+    prompts = (PROMPTS * batch)[:batch]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = gen.sample_differentiable(prompts, options, grad_steps=k, seeds=list(range(batch)), checkpoint=checkpoint)
+    (-reward(out.images, prompts).rewards.mean()).backward()
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - start
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def bench_memory(args) -> list[dict]:
+    rows = []
+    results = {}
+    for checkpoint in (True, False):
+        for k in (1, 2, 5, 10):
+            cmd = [sys.executable, __file__, "--memory-child", str(k), str(int(checkpoint)),
+                   "--image-size", str(args.image_size), "--batch", str(args.batch), "--steps", str(max(args.steps, 10)),
+                   "--device", args.device]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            results[(checkpoint, k)] = json.loads(out)["peak_bytes"]
+    for checkpoint in (True, False):
+        base = results[(checkpoint, 1)]
+        for k in (1, 2, 5, 10):
+            rows.append({
+                "benchmark": f"DRaFT-{k} peak memory, checkpointing {'on' if checkpoint else 'off'}",
+                "baseline": "DRaFT-1, same checkpointing",
+                "baseline_s": None,
+                "ours_s": None,
+                "peak_mib": results[(checkpoint, k)] / 2**20,
+                "ratio": results[(checkpoint, k)] / base,
+            })
+    return rows
+
+
+def bench_attention(args) -> dict:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    pipe = bench_pipe(args.image_size).to(args.device)
+    unet = pipe.unet
+    latent = args.image_size // 2
+    x = torch.randn(args.batch * 2, 4, latent, latent, device=args.device)
+    t = torch.full((args.batch * 2,), 500, device=args.device)
+    text = torch.randn(args.batch * 2, 16, unet.config.cross_attention_dim, device=args.device)
+
+    def forward():
+        with torch.no_grad():
+            unet(x, t, encoder_hidden_states=text)
+
+    unet.set_attn_processor(AttnProcessor())
+    naive = timed(forward, args.repeats)
+    unet.set_attn_processor(AttnProcessor2_0())
+    fused = timed(forward, args.repeats)
+    return {
+        "benchmark": f"UNet forward, batch {args.batch * 2}, {latent}×{latent} latents",
+        "baseline": "naive AttnProcessor",
+        "baseline_s": naive,
+        "ours_s": fused,
+        "ratio": fused / naive,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| benchmark | baseline | baseline s | ours s | ratio (ours / baseline) | extra |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        extra = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k in ("peak_mib", "ddpo_updates_per_s"))
+        fmt = lambda v: "" if v is None else f"{v:.4f}"
+        lines.append(f"| {r['benchmark']} | {r['baseline']} | {fmt(r['baseline_s'])} | {fmt(r['ours_s'])} | "
+                     f"{r['ratio']:.3f} | {extra} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["sampling", "ddpo", "memory", "attention"])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="also write the rows as JSON here")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        _memory_child(int(args.memory_child[0]), bool(int(args.memory_child[1])), args.image_size, args.batch,
+                      args.steps, args.device)
+        return
+    torch.manual_seed(0)
+    benches = {"sampling": bench_sampling, "ddpo": bench_ddpo, "memory": bench_memory, "attention": bench_attention}
+    rows = []
+    for name, fn in benches.items():
+        if args.only and name != args.only:
+            continue
+        result = fn(args)
+        rows.extend(result if isinstance(result, list) else [result])
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {device}; torch {torch.__version__}\n")
+    print(markdown(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
