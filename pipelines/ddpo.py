@@ -171,9 +171,11 @@ class DDPOPipeline:
             )
             # 1. Sample this process's share with per-sample seeds.
             local_prompts = [self.prompts[plan.prompt_index[i]] for i in plan.local]
-            rollout = self.generator.sample(
-                local_prompts, options, seeds=plan.seeds[plan.local].tolist(), batch_size=c.sampling.batch_size
-            )
+            # Under the same autocast as training, so that recorded and re-evaluated log-probs agree.
+            with trainer.autocast():
+                rollout = self.generator.sample(
+                    local_prompts, options, seeds=plan.seeds[plan.local].tolist(), batch_size=c.sampling.batch_size
+                )
             # 2. Score, gather in global order, and normalise per prompt on every process alike.
             scores = self.reward(rollout.images, rollout.prompts).rewards
             scores = scores if scores.ndim == 1 else scores.sum(dim=1)

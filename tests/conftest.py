@@ -45,3 +45,13 @@ def pretrained_tiny_dir(tmp_path_factory):
     from genalign.worlds.tiny import save_tiny_text_to_image
 
     return save_tiny_text_to_image(tmp_path_factory.mktemp("models") / "tiny-sd-pretrained", "sd", pretrain_steps=300)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps process-wide singletons; each test builds its own Accelerator settings."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

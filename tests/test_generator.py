@@ -4,7 +4,13 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    PixArtTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from genalign.generators.diffusion import DiffusionGenerator, ModelLoadError, SamplingOptions
 from genalign.sampling import SchedulerNotSupportedError, StepSchedule, gaussian_log_prob, step_mean
@@ -135,9 +141,13 @@ def test_save_and_load_through_from_pretrained(tmp_path, layout):
     a = generator_from_pipe(pipe).sample(PROMPTS, options, seeds=SEEDS).images
     b = loaded.sample(PROMPTS, options, seeds=SEEDS).images
     assert torch.allclose(a, b, atol=1e-6)
-    # And our save_pretrained writes a folder diffusers itself can load.
+    # Our save_pretrained writes a folder that we and diffusers itself load back.
     loaded.save_pretrained(tmp_path / "again")
     assert DiffusionGenerator.from_pretrained(tmp_path / "again", scheduler="ddpm").scheduler.__class__ is DDPMScheduler
+    again = DiffusionGenerator.from_pretrained(tmp_path / "again").sample(PROMPTS, options, seeds=SEEDS).images
+    assert torch.allclose(a, again, atol=1e-6)
+    plain = (StableDiffusionXLPipeline if layout == "sdxl" else StableDiffusionPipeline).from_pretrained(tmp_path / "again")
+    assert type(plain.unet) is type(pipe.unet)
 
 
 def test_missing_model_path_is_one_clear_error(tmp_path):
@@ -178,3 +188,27 @@ def test_differentiable_sampling_tracks_only_last_k_steps():
     lv = gen.sample_differentiable(PROMPTS, options, seeds=SEEDS, lv_rounds=2)
     assert lv.images.shape[0] == 2 * len(PROMPTS) and lv.images.requires_grad
     assert lv.prompts == PROMPTS * 2
+
+
+def test_transformer_denoiser_samples_with_exact_log_probs_and_round_trips(tmp_path):
+    """A DiT/PixArt-style 2-D transformer (learned-variance head) in place of the UNet."""
+    sd = _pipe("sd")
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
+        attention_head_dim=16, cross_attention_dim=32, caption_channels=32, use_additional_conditions=False,
+    )
+    gen = DiffusionGenerator(
+        denoiser=transformer, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+        scheduler=sd.scheduler, use_encoder_attention_mask=True,
+    )
+    options = SamplingOptions(num_inference_steps=4, guidance_scale=3.0, eta=1.0)
+    rollout = gen.sample(PROMPTS, options, seeds=SEEDS)
+    assert rollout.images.shape == (3, 3, 32, 32)
+    traj = rollout.trajectory
+    ratio = torch.exp(gen.log_prob(traj, torch.arange(4)) - traj.log_probs)
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
+    gen.save_pretrained(tmp_path / "dit")
+    loaded = DiffusionGenerator.from_pretrained(tmp_path / "dit")
+    assert isinstance(loaded.denoiser, PixArtTransformer2DModel) and loaded.use_encoder_attention_mask
+    assert torch.allclose(loaded.sample(PROMPTS, options, seeds=SEEDS).images, rollout.images, atol=1e-6)

@@ -11,6 +11,7 @@ draws (one `randn_tensor` call per step, per-sample generators allowed), same CF
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,7 @@ import torch
 import torch.utils.checkpoint
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from genalign.sampling import (
     LogProbReduction,
@@ -33,6 +34,9 @@ from genalign.sampling import (
 )
 
 GeneratorArg = torch.Generator | list[torch.Generator] | None
+_SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+# model_index.json key recording whether the denoiser attends with the text padding mask.
+_MASK_FLAG = "_genalign_use_encoder_attention_mask"
 
 
 class ModelLoadError(OSError):
@@ -211,52 +215,86 @@ class DiffusionGenerator:
             kwargs["local_files_only"] = local_files_only
         try:
             index = _read_model_index(source, **kwargs)
-            has_sdxl = "text_encoder_2" in index
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kwargs)
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kwargs)
-            text_encoder = CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", torch_dtype=torch_dtype, **kwargs
-            )
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-            text_encoder_2 = tokenizer_2 = None
-            if has_sdxl:
-                text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                    source, subfolder="text_encoder_2", torch_dtype=torch_dtype, **kwargs
-                )
-                tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
-            scheduler_class = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+            denoiser_name = "unet" if "unet" in index else "transformer"
+            if denoiser_name not in index:
+                raise ModelLoadError(f"'{source}' has neither a unet nor a transformer component in model_index.json")
+
+            def load(name: str, with_dtype: bool = True):
+                library, class_name = index[name]
+                component_class = getattr(importlib.import_module(library), class_name)
+                extra = {"torch_dtype": torch_dtype} if with_dtype else {}
+                return component_class.from_pretrained(source, subfolder=name, **extra, **kwargs)
+
+            denoiser = load(denoiser_name)
+            has_second_tower = index.get("text_encoder_2", [None])[0] is not None
             stored = index.get("scheduler", [None, None])[1]
             chosen = scheduler or ("ddpm" if stored == "DDPMScheduler" else "ddim")
-            if chosen not in scheduler_class:
+            if chosen not in _SCHEDULERS:
                 raise ModelLoadError(f"scheduler must be 'ddim' or 'ddpm', got {chosen!r}")
-            sched = scheduler_class[chosen].from_pretrained(source, subfolder="scheduler", **kwargs)
+            generator = cls(
+                denoiser=denoiser,
+                vae=load("vae"),
+                text_encoder=load("text_encoder"),
+                tokenizer=load("tokenizer", with_dtype=False),
+                # Same noise schedule, but a scheduler whose steps have an exact Gaussian density.
+                scheduler=_SCHEDULERS[chosen].from_pretrained(source, subfolder="scheduler", **kwargs),
+                text_encoder_2=load("text_encoder_2") if has_second_tower else None,
+                tokenizer_2=load("tokenizer_2", with_dtype=False) if has_second_tower else None,
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", has_second_tower)),
+                # PixArt-style transformers attend with the text padding mask; SD UNets do not.
+                use_encoder_attention_mask=bool(
+                    index.get(_MASK_FLAG, denoiser_name == "transformer")
+                ),
+                source=source,
+            )
         except ModelLoadError:
             raise
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, KeyError, AttributeError) as error:
             raise ModelLoadError(
                 f"could not load a text-to-image model from '{source}': {error}\n"
-                "Pass a local diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-                "scheduler/) or a hub id that is in the local cache; without network, download it elsewhere "
-                "and copy the folder here."
+                "Pass a local diffusers folder (model_index.json, unet/ or transformer/, vae/, text_encoder/, "
+                "tokenizer/, scheduler/) or a hub id that is in the local cache; without network, download it "
+                "elsewhere and copy the folder here."
             ) from error
-        return cls(
-            denoiser=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            scheduler=sched,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", has_sdxl)),
-            use_encoder_attention_mask=bool(index.get("_genalign_use_encoder_attention_mask", False)),
-            source=source,
-        )
+        return generator
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write a diffusers folder that `from_pretrained` (ours or diffusers') loads back."""
+        """Write a diffusers folder (model_index.json + one subfolder per component).
+
+        UNet models are written with the StableDiffusion(XL)Pipeline layout, so diffusers' own
+        `from_pretrained` loads them too; transformer denoisers with the PixArt layout.
+        """
+        import diffusers
+
         path = Path(path)
-        pipe = self.as_diffusers_pipeline()
-        pipe.save_pretrained(path)
+        path.mkdir(parents=True, exist_ok=True)
+        is_unet = isinstance(self.denoiser, UNet2DConditionModel)
+        components = {
+            "unet" if is_unet else "transformer": self.denoiser,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "scheduler": self.scheduler,
+            "text_encoder_2": self.text_encoder_2,
+            "tokenizer_2": self.tokenizer_2,
+        }
+        if self.text_encoder_2 is not None:
+            pipeline_class = "StableDiffusionXLPipeline"
+        else:
+            pipeline_class = "StableDiffusionPipeline" if is_unet else "PixArtAlphaPipeline"
+        index: dict = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__}
+        for name, component in components.items():
+            if component is None:
+                continue
+            component.save_pretrained(path / name)
+            library = type(component).__module__.split(".")[0]
+            index[name] = [library, type(component).__name__]
+        if pipeline_class == "StableDiffusionPipeline":
+            index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        if pipeline_class == "StableDiffusionXLPipeline":
+            index["force_zeros_for_empty_prompt"] = self.force_zeros_for_empty_prompt
+        index[_MASK_FLAG] = self.use_encoder_attention_mask
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
         return path
 
     def save_lora_weights(self, path: str | os.PathLike) -> Path:
@@ -272,32 +310,6 @@ class DiffusionGenerator:
         metadata = self.denoiser.peft_config["default"].to_dict()
         pipeline_class.save_lora_weights(path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
         return Path(path)
-
-    def as_diffusers_pipeline(self):
-        """The equivalent plain diffusers pipeline, sharing these modules (no copies)."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        if self.text_encoder_2 is not None:
-            return StableDiffusionXLPipeline(
-                vae=self.vae,
-                text_encoder=self.text_encoder,
-                text_encoder_2=self.text_encoder_2,
-                tokenizer=self.tokenizer,
-                tokenizer_2=self.tokenizer_2,
-                unet=self.denoiser,
-                scheduler=self.scheduler,
-                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
-            )
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.denoiser,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
 
     # ------------------------------------------------------------------ basics
     @property
