@@ -9,8 +9,8 @@ Benchmarks:
 - ddpo: one DDPO update (PPO-clip loss through `step_log_prob`) vs a bare denoiser forward+backward on the
   same batch — the price of the policy-gradient bookkeeping.
 - memory: DRaFT-K peak memory for K = 1, 2, 5, 10 with and without checkpointing of the tracked denoiser
-  calls (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS of a fresh subprocess per setting, minus the
-  RSS after loading the model).
+  calls (CUDA: torch.cuda.max_memory_allocated; CPU: peak resident memory of a fresh subprocess per setting, polled every
+  millisecond, minus the resident memory after loading the model, with glibc's mmap threshold fixed so that RSS follows live memory).
 - attention: diffusers' fused SDPA processor (AttnProcessor2_0) vs the naive AttnProcessor, UNet forward.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from genalign.generators.diffusion import DiffusionGenerator, SamplingOptions  # noqa: E402
 from genalign.worlds.tiny import build_tiny_text_to_image  # noqa: E402
 
-PROMPTS = ["a red circle on a blue background", "two green stars", "a yellow sun", "a purple square"]
+PROMPTS = ["a red circle", "two green stars", "a yellow sun", "a purple square"]
 
 
 def bench_pipe(image_size: int):
@@ -64,6 +65,17 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def paired(baseline, ours, repeats: int) -> tuple[float, float]:
+    """Median times of two functions measured alternately, so machine noise hits both alike."""
+    baseline()
+    ours()
+    t_base, t_ours = [], []
+    for _ in range(repeats):
+        t_base.append(timed(baseline, 1))
+        t_ours.append(timed(ours, 1))
+    return statistics.median(t_base), statistics.median(t_ours)
+
+
 def bench_sampling(args) -> dict:
     pipe = bench_pipe(args.image_size).to(args.device)
     gen = generator_of(pipe)
@@ -79,12 +91,7 @@ def bench_sampling(args) -> dict:
             pipe(prompts, num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0, output_type="pt",
                  generator=[torch.Generator().manual_seed(s) for s in seeds])
 
-    # Interleave to spread machine noise evenly over both.
-    t_plain, t_ours = [], []
-    for _ in range(args.repeats):
-        t_plain.append(timed(plain, 1))
-        t_ours.append(timed(ours, 1))
-    base, mine = statistics.median(t_plain), statistics.median(t_ours)
+    base, mine = paired(plain, ours, args.repeats)
     return {
         "benchmark": f"sampling {len(prompts)} images, {args.steps} DDIM steps, CFG, {args.image_size}px",
         "baseline": "diffusers StableDiffusionPipeline",
@@ -120,7 +127,7 @@ def bench_ddpo(args) -> dict:
         out.float().pow(2).mean().backward()
         gen.denoiser.zero_grad(set_to_none=True)
 
-    base, mine = timed(bare, args.repeats), timed(update, args.repeats)
+    base, mine = paired(bare, update, args.repeats)
     return {
         "benchmark": f"DDPO update on {len(prompts)} samples (one timestep, CFG)",
         "baseline": "bare denoiser forward+backward, same batch",
@@ -145,15 +152,44 @@ def _memory_child(k: int, checkpoint: bool, image_size: int, batch: int, steps: 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
+        monitor = None
     else:
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        start = _current_rss()
+        monitor = _RssMonitor()
     out = gen.sample_differentiable(prompts, options, grad_steps=k, seeds=list(range(batch)), checkpoint=checkpoint)
     (-reward(out.images, prompts).rewards.mean()).backward()
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - start
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
+        peak = monitor.stop() - start
     print(json.dumps({"peak_bytes": peak}))
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class _RssMonitor:
+    """Polls this process's resident memory every millisecond in a thread and keeps the maximum."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = _current_rss()
+        self._running = True
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, _current_rss())
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        self._running = False
+        self._thread.join()
+        return max(self.peak, _current_rss())
 
 
 def bench_memory(args) -> list[dict]:
@@ -164,7 +200,10 @@ def bench_memory(args) -> list[dict]:
             cmd = [sys.executable, __file__, "--memory-child", str(k), str(int(checkpoint)),
                    "--image-size", str(args.image_size), "--batch", str(args.batch), "--steps", str(max(args.steps, 10)),
                    "--device", args.device]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            # A fixed mmap threshold makes glibc return freed tensor memory to the OS, so peak RSS tracks the
+            # peak of live memory; with glibc's adaptive threshold it mostly measured heap fragmentation.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
             results[(checkpoint, k)] = json.loads(out)["peak_bytes"]
     for checkpoint in (True, False):
         base = results[(checkpoint, 1)]
@@ -194,10 +233,14 @@ def bench_attention(args) -> dict:
         with torch.no_grad():
             unet(x, t, encoder_hidden_states=text)
 
-    unet.set_attn_processor(AttnProcessor())
-    naive = timed(forward, args.repeats)
-    unet.set_attn_processor(AttnProcessor2_0())
-    fused = timed(forward, args.repeats)
+    def with_processor(processor):
+        def run():
+            unet.set_attn_processor(processor)
+            forward()
+
+        return run
+
+    naive, fused = paired(with_processor(AttnProcessor()), with_processor(AttnProcessor2_0()), args.repeats * 2)
     return {
         "benchmark": f"UNet forward, batch {args.batch * 2}, {latent}×{latent} latents",
         "baseline": "naive AttnProcessor",
