@@ -329,8 +329,10 @@ class DiffusionGenerator:
         return int(self.denoiser.config.in_channels)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DiffusionGenerator":
+        # Passing dtype=None makes diffusers warn about casting; only pass what changes.
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in self._modules():
-            module.to(device=device, dtype=dtype)
+            module.to(**kwargs)
         self._empty_cache.clear()
         return self
 
