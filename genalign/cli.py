@@ -60,14 +60,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cls = get_pipeline(str(data["pipeline"]))
     config = build_config(cls.config_class, data, args.overrides)
     metrics = cls(config).train()
-    print(json.dumps({k: round(v, 5) for k, v in metrics.items()}))
-    print(f"run folder: {config.trainer.output_dir}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(json.dumps({k: round(v, 5) for k, v in metrics.items()}))
+        print(f"run folder: {config.trainer.output_dir}")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from genalign.engine import build_reward, read_prompt_file
-    from genalign.gallery import _to_pil
+    from genalign.gallery import to_pil
 
     prompts = read_prompt_file(args.prompts)
     generator, config = load_run_generator(args.run, args.checkpoint, trained=not args.base)
@@ -84,7 +87,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         for i, (prompt, seed) in enumerate(zip(batch, seeds)):
             name = f"{i:05d}.png"
-            _to_pil(rollout.images[i]).save(out / name)
+            to_pil(rollout.images[i]).save(out / name)
             score = scores[i].tolist()
             f.write(json.dumps({"file": name, "prompt": prompt, "seed": seed, config.reward.name: score}) + "\n")
     print(f"wrote {len(batch)} images to {out}")

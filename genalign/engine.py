@@ -167,6 +167,24 @@ class EpochPlan:
         return np.random.default_rng([int(self.seeds[global_index]), sum(map(ord, name))])
 
 
+def evaluate_held_out(trainer, generator: DiffusionGenerator, reward, prompts: list[str], sampling: SamplingConfig,
+                      config: EvalConfig) -> dict[str, float]:
+    """`evaluate` with the trainer's EMA weights (if any), sharded over its processes."""
+    with trainer.ema_weights():
+        return evaluate(
+            generator,
+            reward,
+            prompts,
+            sampling.options(),
+            samples_per_prompt=config.samples_per_prompt,
+            seed=config.seed,
+            batch_size=sampling.batch_size,
+            gather=trainer.gather,
+            process_index=trainer.process_index,
+            num_processes=trainer.num_processes,
+        )
+
+
 def evaluate(
     generator: DiffusionGenerator,
     reward,

@@ -158,7 +158,7 @@ def plot_metrics(
 # ----------------------------------------------------------------------- images
 
 
-def _to_pil(image: torch.Tensor | Image.Image) -> Image.Image:
+def to_pil(image: torch.Tensor | Image.Image) -> Image.Image:
     if isinstance(image, Image.Image):
         # PNG cannot store e.g. CMYK or float modes.
         return image if image.mode in ("RGB", "RGBA", "L") else image.convert("RGB")
@@ -236,7 +236,7 @@ def _grid_html(
         mean = f'<span class="mean">mean reward {_fmt(sum(rewards) / len(rewards))}</span>'
     parts = [f'<div class="side"><h3>{_esc(side)}{mean}</h3><div class="grid">']
     for i, sample in enumerate(samples):
-        img = _upscale(_to_pil(sample.image), upscale_to)
+        img = _upscale(to_pil(sample.image), upscale_to)
         # Names depend only on position, so re-running overwrites instead of
         # piling up copies.
         name = f"p{prompt_idx:03d}_{side}_{i:02d}.png"

@@ -145,6 +145,12 @@ class Trainer:
             # accelerate treats a torchrun launch as multi-CPU (gloo) only when told the run is CPU-only.
             cpu=not _has_accelerator(),
         )
+        if self.accelerator.num_processes != launched_processes():
+            # Pipelines sized gradient accumulation from WORLD_SIZE before the Accelerator existed.
+            raise RuntimeError(
+                f"accelerate runs {self.accelerator.num_processes} processes but WORLD_SIZE is "
+                f"{launched_processes()}; launch with `accelerate launch` or `torchrun`, which set WORLD_SIZE"
+            )
         set_seed(config.seed)
         self.generator = generator
         generator.to(self.accelerator.device)
@@ -453,6 +459,14 @@ class Trainer:
         else:
             with self.ema.swapped_in():
                 yield
+
+
+def launched_processes() -> int:
+    """Process count set by the launcher (accelerate launch / torchrun), readable before accelerate starts.
+
+    Pipelines need it to size gradient accumulation, which the Accelerator takes at construction.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _has_accelerator() -> bool:

@@ -24,12 +24,13 @@ from genalign.engine import (
     SamplingConfig,
     build_generator,
     build_reward,
-    evaluate,
+    evaluate_held_out,
     load_prompts,
 )
-from genalign.generators.diffusion import DiffusionGenerator, Trajectory
+from genalign.generators.diffusion import DiffusionGenerator, Rollout, Trajectory
 from genalign.stats import PerPromptStatTracker
-from genalign.trainer import Trainer, TrainerConfig
+from genalign.sampling import StepSchedule
+from genalign.trainer import Trainer, TrainerConfig, launched_processes
 
 
 @dataclass
@@ -124,21 +125,19 @@ class DDPOPipeline:
             )
         return per_update, per_update // c.train_batch_size
 
-    def _train_steps_per_sample(self):
+    def _schedule_and_train_steps(self) -> tuple[StepSchedule, int]:
+        """The sampling schedule and how many of its stochastic steps each trajectory trains on."""
         options = self.config.sampling.options()
-        from genalign.sampling import StepSchedule
-
         schedule = StepSchedule.from_scheduler(self.generator.scheduler, options.num_inference_steps, options.eta)
         stochastic = int(schedule.stochastic.sum())
         if stochastic == 0:
             raise ConfigError("no stochastic sampling steps: DDPO needs eta > 0 (DDIM) or a DDPM scheduler")
-        return max(1, round(self.config.timestep_fraction * stochastic)), schedule
+        return schedule, max(1, round(self.config.timestep_fraction * stochastic))
 
     def train(self) -> dict[str, float]:
         c = self.config
-        n_train_steps, schedule = self._train_steps_per_sample()
-        probe_processes = _expected_processes()
-        per_update, micro_batches = self._local_layout(probe_processes)
+        schedule, n_train_steps = self._schedule_and_train_steps()
+        per_update, micro_batches = self._local_layout(launched_processes())
         trainer = Trainer(
             self.generator,
             c.trainer,
@@ -146,7 +145,6 @@ class DDPOPipeline:
             total_updates=c.epochs * c.updates_per_epoch * c.inner_epochs,
             run_config=to_dict(c),
         )
-        per_update, micro_batches = self._local_layout(trainer.num_processes)
         if trainer.is_main:
             save_yaml(c, trainer.run_dir / "config.yaml")
         start, state = trainer.resume_if_requested()
@@ -256,25 +254,13 @@ class DDPOPipeline:
         out["ratio_first"] = first_ratio if first_ratio is not None else float("nan")
         return trainer.mean_across_processes(out)
 
+    def sample(self, prompts: list[str], seeds: list[int] | None = None) -> Rollout:
+        """Images from the current model with the run's sampler settings (images [B, 3, H, W] in [0, 1])."""
+        c = self.config.sampling
+        return self.generator.sample(
+            prompts, c.options(), seeds=seeds, batch_size=c.batch_size, return_trajectory=False
+        )
+
     def _evaluate(self, trainer: Trainer) -> dict[str, float]:
         c = self.config
-        with trainer.ema_weights():
-            return evaluate(
-                self.generator,
-                self.reward,
-                self.eval_prompts,
-                c.sampling.options(),
-                samples_per_prompt=c.eval.samples_per_prompt,
-                seed=c.eval.seed,
-                batch_size=c.sampling.batch_size,
-                gather=trainer.gather,
-                process_index=trainer.process_index,
-                num_processes=trainer.num_processes,
-            )
-
-
-def _expected_processes() -> int:
-    """Process count of the launcher (accelerate launch / torchrun set WORLD_SIZE) before accelerate starts."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
+        return evaluate_held_out(trainer, self.generator, self.reward, self.eval_prompts, c.sampling, c.eval)

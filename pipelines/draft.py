@@ -24,11 +24,11 @@ from genalign.engine import (
     SamplingConfig,
     build_generator,
     build_reward,
-    evaluate,
+    evaluate_held_out,
     load_prompts,
 )
-from genalign.generators.diffusion import DiffusionGenerator
-from genalign.trainer import Trainer, TrainerConfig
+from genalign.generators.diffusion import DiffusionGenerator, Rollout
+from genalign.trainer import Trainer, TrainerConfig, launched_processes
 
 
 def _default_reward() -> RewardConfig:
@@ -87,7 +87,7 @@ class DRaFTPipeline:
 
     def train(self) -> dict[str, float]:
         c = self.config
-        world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+        world = launched_processes()
         if c.batch_size % (world * c.train_batch_size):
             raise ConfigError(
                 f"batch_size={c.batch_size} must be a multiple of processes ({world}) × "
@@ -149,18 +149,13 @@ class DRaFTPipeline:
             trainer.maybe_checkpoint(epoch, c.epochs, {})
         return last
 
+    def sample(self, prompts: list[str], seeds: list[int] | None = None) -> Rollout:
+        """Images from the current model with the run's sampler settings (images [B, 3, H, W] in [0, 1])."""
+        c = self.config.sampling
+        return self.generator.sample(
+            prompts, c.options(), seeds=seeds, batch_size=c.batch_size, return_trajectory=False
+        )
+
     def _evaluate(self, trainer: Trainer) -> dict[str, float]:
         c = self.config
-        with trainer.ema_weights():
-            return evaluate(
-                self.generator,
-                self.reward,
-                self.eval_prompts,
-                c.sampling.options(),
-                samples_per_prompt=c.eval.samples_per_prompt,
-                seed=c.eval.seed,
-                batch_size=c.sampling.batch_size,
-                gather=trainer.gather,
-                process_index=trainer.process_index,
-                num_processes=trainer.num_processes,
-            )
+        return evaluate_held_out(trainer, self.generator, self.reward, self.eval_prompts, c.sampling, c.eval)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import pytest
+import yaml
 
 from genalign.config import (
     ConfigError,
@@ -233,7 +234,7 @@ def test_save_yaml_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
 def test_save_yaml_failure_keeps_old_file_and_cleans_up(tmp_path: Path) -> None:
     target = tmp_path / "config.yaml"
     save_yaml({"a": 1}, target)
-    with pytest.raises(Exception):
+    with pytest.raises(yaml.YAMLError):
         save_yaml({"a": object()}, target)
     assert os.listdir(tmp_path) == ["config.yaml"]
     assert load_yaml(target) == {"a": 1}

@@ -62,7 +62,8 @@ def test_draft_refuses_non_differentiable_reward(tiny_sd_dir, tmp_path):
 
 
 def test_lora_adapter_loads_into_plain_diffusers(tiny_sd_dir, tmp_path):
-    DRaFTPipeline(draft_config(tiny_sd_dir, tmp_path / "run", epochs=2)).train()
+    pipeline = DRaFTPipeline(draft_config(tiny_sd_dir, tmp_path / "run", epochs=2))
+    pipeline.train()
     ours, config = load_run_generator(tmp_path / "run")
     options = SamplingOptions(num_inference_steps=5, guidance_scale=1.0, eta=0.0)
     seeds = [1, 2]
@@ -76,6 +77,7 @@ def test_lora_adapter_loads_into_plain_diffusers(tiny_sd_dir, tmp_path):
     adapted = pipe(PROMPTS[:2], num_inference_steps=5, guidance_scale=1.0, output_type="pt",
                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
     assert (base - trained).abs().max() > 1e-3  # training changed the model
+    assert torch.allclose(pipeline.sample(PROMPTS[:2], seeds=seeds).images, trained, atol=1e-5)
     assert torch.allclose(adapted, trained, atol=1e-5)
 
 
