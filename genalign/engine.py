@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from genalign.config import ConfigError
-from genalign.generators.diffusion import DiffusionGenerator, SamplingOptions
+from genalign.generators.diffusion import DiffusionGenerator, Rollout, SamplingOptions
+from genalign.trainer import TrainerConfig
 
 
 @dataclass
@@ -167,24 +168,6 @@ class EpochPlan:
         return np.random.default_rng([int(self.seeds[global_index]), sum(map(ord, name))])
 
 
-def evaluate_held_out(trainer, generator: DiffusionGenerator, reward, prompts: list[str], sampling: SamplingConfig,
-                      config: EvalConfig) -> dict[str, float]:
-    """`evaluate` with the trainer's EMA weights (if any), sharded over its processes."""
-    with trainer.ema_weights():
-        return evaluate(
-            generator,
-            reward,
-            prompts,
-            sampling.options(),
-            samples_per_prompt=config.samples_per_prompt,
-            seed=config.seed,
-            batch_size=sampling.batch_size,
-            gather=trainer.gather,
-            process_index=trainer.process_index,
-            num_processes=trainer.num_processes,
-        )
-
-
 def evaluate(
     generator: DiffusionGenerator,
     reward,
@@ -217,3 +200,53 @@ def evaluate(
     if gather is not None and num_processes > 1:
         values = gather(values)
     return {"eval_reward_mean": float(values.mean()), "eval_reward_std": float(values.std(unbiased=False))}
+
+
+@dataclass
+class DiffusionPipelineConfig:
+    """The sections every diffusion pipeline's config has; a pipeline's config adds its method's settings."""
+
+    pipeline: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    epochs: int = 10
+
+
+class DiffusionPipeline:
+    """What every diffusion pipeline holds: its config, prompts, generator and reward.
+
+    A method subclasses it and writes its own `train()` top to bottom; pass `generator` / `reward` objects to
+    use your own instead of building them from the config.
+    """
+
+    def __init__(self, config: DiffusionPipelineConfig, generator: DiffusionGenerator | None = None, reward=None):
+        self.config = config
+        self.prompts, self.eval_prompts = load_prompts(config.prompts)
+        self.generator = generator or build_generator(config.model)
+        self.reward = reward or build_reward(config.reward)
+
+    def sample(self, prompts: list[str], seeds: list[int] | None = None) -> Rollout:
+        """Images from the current model with the run's sampler settings (images [B, 3, H, W] in [0, 1])."""
+        c = self.config.sampling
+        return self.generator.sample(prompts, c.options(), seeds=seeds, batch_size=c.batch_size, return_trajectory=False)
+
+    def evaluate(self, trainer) -> dict[str, float]:
+        """Held-out reward with fixed prompts and seeds (EMA weights if any), sharded over the processes."""
+        c = self.config
+        with trainer.ema_weights():
+            return evaluate(
+                self.generator,
+                self.reward,
+                self.eval_prompts,
+                c.sampling.options(),
+                samples_per_prompt=c.eval.samples_per_prompt,
+                seed=c.eval.seed,
+                batch_size=c.sampling.batch_size,
+                gather=trainer.gather,
+                process_index=trainer.process_index,
+                num_processes=trainer.num_processes,
+            )

@@ -8,41 +8,23 @@ loss ("is", importance sampling) or plain REINFORCE ("sf", score function, one s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
 from genalign.config import ConfigError, save_yaml, to_dict
-from genalign.engine import (
-    EpochPlan,
-    EvalConfig,
-    ModelConfig,
-    PromptConfig,
-    RewardConfig,
-    SamplingConfig,
-    build_generator,
-    build_reward,
-    evaluate_held_out,
-    load_prompts,
-)
-from genalign.generators.diffusion import DiffusionGenerator, Rollout, Trajectory
+from genalign.engine import DiffusionPipeline, DiffusionPipelineConfig, EpochPlan
+from genalign.generators.diffusion import DiffusionGenerator, Trajectory
 from genalign.stats import PerPromptStatTracker
 from genalign.sampling import StepSchedule
-from genalign.trainer import Trainer, TrainerConfig, launched_processes
+from genalign.trainer import Trainer, launched_processes
 
 
 @dataclass
-class DDPOConfig:
+class DDPOConfig(DiffusionPipelineConfig):
     pipeline: Literal["ddpo"] = "ddpo"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    prompts: PromptConfig = field(default_factory=PromptConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    epochs: int = 10
     prompts_per_epoch: int = 4
     samples_per_prompt: int = 4
     updates_per_epoch: int = 1
@@ -87,17 +69,14 @@ def ddpo_loss(
     return torch.maximum(unclipped, clipped).mean(), stats
 
 
-class DDPOPipeline:
+class DDPOPipeline(DiffusionPipeline):
     """DDPO on a `DiffusionGenerator` with any reward from `rewards`."""
 
     config_class = DDPOConfig
 
     def __init__(self, config: DDPOConfig, generator: DiffusionGenerator | None = None, reward=None) -> None:
-        self.config = config
+        super().__init__(config, generator, reward)
         self._validate()
-        self.prompts, self.eval_prompts = load_prompts(config.prompts)
-        self.generator = generator or build_generator(config.model)
-        self.reward = reward or build_reward(config.reward)
         self.tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
 
     def _validate(self) -> None:
@@ -154,7 +133,7 @@ class DDPOPipeline:
         stochastic_steps = np.flatnonzero(schedule.stochastic.numpy())
         last: dict[str, float] = {}
         if start == 0:
-            trainer.log(self._evaluate(trainer), step=-1)
+            trainer.log(self.evaluate(trainer), step=-1)
 
         for epoch in trainer.epochs(start, c.epochs):
             tic = time.time()
@@ -204,7 +183,7 @@ class DDPOPipeline:
                 **step_stats,
             }
             if (epoch + 1) % c.eval.every == 0 or epoch + 1 == c.epochs:
-                last.update(self._evaluate(trainer))
+                last.update(self.evaluate(trainer))
             trainer.log(last, step=epoch)
             trainer.maybe_checkpoint(epoch, c.epochs, {"stats": self.tracker.state_dict()})
         return last
@@ -253,14 +232,3 @@ class DDPOPipeline:
         out = {key: value / count for key, value in sums.items()}
         out["ratio_first"] = first_ratio if first_ratio is not None else float("nan")
         return trainer.mean_across_processes(out)
-
-    def sample(self, prompts: list[str], seeds: list[int] | None = None) -> Rollout:
-        """Images from the current model with the run's sampler settings (images [B, 3, H, W] in [0, 1])."""
-        c = self.config.sampling
-        return self.generator.sample(
-            prompts, c.options(), seeds=seeds, batch_size=c.batch_size, return_trajectory=False
-        )
-
-    def _evaluate(self, trainer: Trainer) -> dict[str, float]:
-        c = self.config
-        return evaluate_held_out(trainer, self.generator, self.reward, self.eval_prompts, c.sampling, c.eval)

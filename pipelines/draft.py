@@ -15,20 +15,9 @@ import numpy as np
 import torch
 
 from genalign.config import ConfigError, save_yaml, to_dict
-from genalign.engine import (
-    EpochPlan,
-    EvalConfig,
-    ModelConfig,
-    PromptConfig,
-    RewardConfig,
-    SamplingConfig,
-    build_generator,
-    build_reward,
-    evaluate_held_out,
-    load_prompts,
-)
-from genalign.generators.diffusion import DiffusionGenerator, Rollout
-from genalign.trainer import Trainer, TrainerConfig, launched_processes
+from genalign.engine import DiffusionPipeline, DiffusionPipelineConfig, EpochPlan, RewardConfig, SamplingConfig
+from genalign.generators.diffusion import DiffusionGenerator
+from genalign.trainer import Trainer, launched_processes
 
 
 def _default_reward() -> RewardConfig:
@@ -40,15 +29,10 @@ def _default_sampling() -> SamplingConfig:
 
 
 @dataclass
-class DRaFTConfig:
+class DRaFTConfig(DiffusionPipelineConfig):
     pipeline: Literal["draft"] = "draft"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    prompts: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardConfig = field(default_factory=_default_reward)
     sampling: SamplingConfig = field(default_factory=_default_sampling)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    epochs: int = 10
     batch_size: int = 8
     train_batch_size: int = 4
     grad_steps: int = 1
@@ -65,16 +49,13 @@ def truncation_steps(config: DRaFTConfig, seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, epoch, 7]).integers(config.min_grad_steps, config.grad_steps + 1))
 
 
-class DRaFTPipeline:
+class DRaFTPipeline(DiffusionPipeline):
     """DRaFT-K, AlignProp (random truncation) and DRaFT-LV on a `DiffusionGenerator`."""
 
     config_class = DRaFTConfig
 
     def __init__(self, config: DRaFTConfig, generator: DiffusionGenerator | None = None, reward=None) -> None:
-        self.config = config
-        self.prompts, self.eval_prompts = load_prompts(config.prompts)
-        self.generator = generator or build_generator(config.model)
-        self.reward = reward or build_reward(config.reward)
+        super().__init__(config, generator, reward)
         if not self.reward.differentiable:
             raise ConfigError(
                 f"DRaFT backpropagates through the reward, but '{self.reward.name}' is not differentiable; "
@@ -102,7 +83,7 @@ class DRaFTPipeline:
         start, _ = trainer.resume_if_requested()
         options = c.sampling.options()
         if start == 0:
-            trainer.log(self._evaluate(trainer), step=-1)
+            trainer.log(self.evaluate(trainer), step=-1)
         last: dict[str, float] = {}
         for epoch in trainer.epochs(start, c.epochs):
             tic = time.time()
@@ -144,18 +125,7 @@ class DRaFTPipeline:
                 "samples_per_s": c.batch_size / (time.time() - tic),
             }
             if (epoch + 1) % c.eval.every == 0 or epoch + 1 == c.epochs:
-                last.update(self._evaluate(trainer))
+                last.update(self.evaluate(trainer))
             trainer.log(last, step=epoch)
             trainer.maybe_checkpoint(epoch, c.epochs, {})
         return last
-
-    def sample(self, prompts: list[str], seeds: list[int] | None = None) -> Rollout:
-        """Images from the current model with the run's sampler settings (images [B, 3, H, W] in [0, 1])."""
-        c = self.config.sampling
-        return self.generator.sample(
-            prompts, c.options(), seeds=seeds, batch_size=c.batch_size, return_trajectory=False
-        )
-
-    def _evaluate(self, trainer: Trainer) -> dict[str, float]:
-        c = self.config
-        return evaluate_held_out(trainer, self.generator, self.reward, self.eval_prompts, c.sampling, c.eval)
