@@ -95,7 +95,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from genalign.engine import build_reward, load_prompts, read_prompt_file
+    from genalign.engine import build_reward, load_prompts, read_prompt_file, total_reward
     from genalign.gallery import GalleryImage, PromptRow, write_gallery
 
     run = Path(args.run)
@@ -114,8 +114,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
             batch, config.sampling.options(), seeds=seeds, batch_size=config.sampling.batch_size,
             return_trajectory=False,
         )
-        scores = reward(rollout.images, rollout.prompts).rewards
-        scores = scores if scores.ndim == 1 else scores.sum(dim=1)
+        scores = total_reward(reward(rollout.images, rollout.prompts).rewards)
         results[name] = (rollout.images.cpu(), scores.cpu())
     rows = []
     for p, prompt in enumerate(prompts):

@@ -168,6 +168,21 @@ class EpochPlan:
         return np.random.default_rng([int(self.seeds[global_index]), sum(map(ord, name))])
 
 
+def total_reward(values: torch.Tensor) -> torch.Tensor:
+    """[B] or [B, K] rewards → [B]: the objectives' sum (weights belong in the reward's own composition)."""
+    return values if values.ndim == 1 else values.sum(dim=1)
+
+
+def reward_metrics(values: torch.Tensor, objectives: tuple[str, ...], prefix: str = "reward") -> dict[str, float]:
+    """Mean/std of the total reward, plus the mean of each objective when there are several."""
+    total = total_reward(values).float()
+    out = {f"{prefix}_mean": float(total.mean()), f"{prefix}_std": float(total.std(unbiased=False))}
+    if values.ndim == 2 and values.shape[1] > 1:
+        for k, name in enumerate(objectives):
+            out[f"{prefix}_mean/{name}"] = float(values[:, k].float().mean())
+    return out
+
+
 def evaluate(
     generator: DiffusionGenerator,
     reward,
@@ -186,7 +201,8 @@ def evaluate(
     seeds = [seed + i for i in range(len(all_prompts))]
     mine = list(range(process_index, len(all_prompts), num_processes))
     if not mine:
-        values = torch.zeros(0, device=generator.device)
+        width = () if len(reward.objectives) == 1 else (len(reward.objectives),)
+        values = torch.zeros((0, *width), device=generator.device)
     else:
         rollout = generator.sample(
             [all_prompts[i] for i in mine],
@@ -196,10 +212,9 @@ def evaluate(
             return_trajectory=False,
         )
         values = reward(rollout.images, rollout.prompts).rewards
-        values = values if values.ndim == 1 else values.sum(dim=1)
     if gather is not None and num_processes > 1:
         values = gather(values)
-    return {"eval_reward_mean": float(values.mean()), "eval_reward_std": float(values.std(unbiased=False))}
+    return reward_metrics(values, reward.objectives, prefix="eval_reward")
 
 
 @dataclass

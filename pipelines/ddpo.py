@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from genalign.config import ConfigError, save_yaml, to_dict
-from genalign.engine import DiffusionPipeline, DiffusionPipelineConfig, EpochPlan
+from genalign.engine import DiffusionPipeline, DiffusionPipelineConfig, EpochPlan, reward_metrics, total_reward
 from genalign.generators.diffusion import DiffusionGenerator, Trajectory
 from genalign.stats import PerPromptStatTracker
 from genalign.sampling import StepSchedule
@@ -154,14 +154,13 @@ class DDPOPipeline(DiffusionPipeline):
                     local_prompts, options, seeds=plan.seeds[plan.local].tolist(), batch_size=c.sampling.batch_size
                 )
             # 2. Score, gather in global order, and normalise per prompt on every process alike.
-            scores = self.reward(rollout.images, rollout.prompts).rewards
-            scores = scores if scores.ndim == 1 else scores.sum(dim=1)
-            all_scores = trainer.gather(scores.float())
+            scores = self.reward(rollout.images, rollout.prompts).rewards.float()
+            all_scores = trainer.gather(scores)
             all_index = trainer.gather(torch.as_tensor(plan.local, device=trainer.device))
             global_scores = torch.empty_like(all_scores)
             global_scores[all_index] = all_scores
             global_prompts = [self.prompts[i] for i in plan.prompt_index]
-            advantages, flat_fraction = self.tracker.update(global_prompts, global_scores.cpu().numpy())
+            advantages, flat_fraction = self.tracker.update(global_prompts, total_reward(global_scores).cpu().numpy())
             advantages = np.clip(advantages, -c.adv_clip_max, c.adv_clip_max)
             local_adv = torch.as_tensor(advantages[plan.local], dtype=torch.float32, device=trainer.device)
             if flat_fraction == 1.0:
@@ -174,8 +173,7 @@ class DDPOPipeline(DiffusionPipeline):
             step_stats = self._update(trainer, rollout.trajectory, local_adv, train_steps, per_update, epoch)
             samples = len(plan.prompt_index)
             last = {
-                "reward_mean": float(global_scores.mean()),
-                "reward_std": float(global_scores.std(unbiased=False)),
+                **reward_metrics(global_scores, self.reward.objectives),
                 "zero_spread_fraction": flat_fraction,
                 "samples_per_s": samples / (time.time() - tic),
                 "lr": trainer.learning_rate,
@@ -231,4 +229,13 @@ class DDPOPipeline(DiffusionPipeline):
                          "sampling and training compute different log-probs (dropout? dtype?)")
         out = {key: value / count for key, value in sums.items()}
         out["ratio_first"] = first_ratio if first_ratio is not None else float("nan")
+        # How far this epoch moved the policy, on one micro-batch: with one update per epoch every ratio
+        # seen during training is exactly 1, so this is the only KL signal.
+        probe = torch.as_tensor(positions[: c.train_batch_size])
+        batch = trajectory[probe]
+        step_index = torch.as_tensor(train_steps[probe.numpy(), 0])
+        with torch.no_grad(), trainer.autocast():
+            new = self.generator.step_log_prob(batch, step_index, reduction=c.sampling.log_prob_reduction)
+        log_ratio = new.float() - batch.log_probs[torch.arange(len(batch)), step_index.to(new.device)].float()
+        out["approx_kl_after_update"] = float(0.5 * (log_ratio**2).mean())
         return trainer.mean_across_processes(out)

@@ -15,7 +15,15 @@ import numpy as np
 import torch
 
 from genalign.config import ConfigError, save_yaml, to_dict
-from genalign.engine import DiffusionPipeline, DiffusionPipelineConfig, EpochPlan, RewardConfig, SamplingConfig
+from genalign.engine import (
+    DiffusionPipeline,
+    DiffusionPipelineConfig,
+    EpochPlan,
+    RewardConfig,
+    SamplingConfig,
+    reward_metrics,
+    total_reward,
+)
 from genalign.generators.diffusion import DiffusionGenerator
 from genalign.trainer import Trainer, launched_processes
 
@@ -111,14 +119,11 @@ class DRaFTPipeline(DiffusionPipeline):
                             lv_rounds=c.lv_rounds,
                         )
                         scores = self.reward(rollout.images, rollout.prompts).rewards
-                    scores = scores if scores.ndim == 1 else scores.sum(dim=1)
-                    trainer.backward(-scores.mean())
+                    trainer.backward(-total_reward(scores).mean())
                     trainer.optimizer_step()
-                rewards.append(scores.detach())
-            all_rewards = trainer.gather(torch.cat(rewards).float())
+                rewards.append(scores.detach().float())
             last = {
-                "reward_mean": float(all_rewards.mean()),
-                "reward_std": float(all_rewards.std(unbiased=False)),
+                **reward_metrics(trainer.gather(torch.cat(rewards)), self.reward.objectives),
                 "grad_steps": float(k),
                 "grad_norm": trainer.last_grad_norm,
                 "lr": trainer.learning_rate,

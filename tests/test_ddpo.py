@@ -110,6 +110,24 @@ class CountingReward(Reward):
         return out
 
 
+class TwoObjectiveReward(CountingReward):
+    name = "test_two"
+    objectives = ("brightness", "redness")
+
+    def score(self, images, conditions=None):
+        return torch.stack([images.mean(dim=(1, 2, 3)), images[:, 0].mean(dim=(1, 2))], dim=1)
+
+
+def test_multi_objective_rewards_are_logged_per_objective(tiny_sd_dir, tmp_path):
+    DDPOPipeline(tiny_config(tiny_sd_dir, tmp_path / "run", epochs=1), reward=TwoObjectiveReward()).train()
+    log = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = log[-1]
+    assert last["reward_mean"] == pytest.approx(last["reward_mean/brightness"] + last["reward_mean/redness"], rel=1e-5)
+    assert "eval_reward_mean/redness" in last
+    assert last["approx_kl_after_update"] > 0  # the update moved the policy; ratio_first was still 1
+    assert last["ratio_first"] == pytest.approx(1.0, abs=1e-5)
+
+
 def _weights(run_dir, step):
     return load_file(str(Path(run_dir) / "checkpoints" / f"step_{step:06d}" / "trainable.safetensors"))
 

@@ -158,6 +158,12 @@ def test_missing_model_path_is_one_clear_error(tmp_path):
         DiffusionGenerator.from_pretrained(tmp_path / "empty")
 
 
+def test_hub_id_not_in_cache_is_one_clear_error():
+    # local_files_only: the same code path a hub id takes, without touching the network.
+    with pytest.raises(ModelLoadError, match="in the local cache"):
+        DiffusionGenerator.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", local_files_only=True)
+
+
 def test_unsupported_scheduler_names_the_supported_ones():
     with pytest.raises(SchedulerNotSupportedError, match="DDIMScheduler"):
         StepSchedule.from_scheduler(EulerDiscreteScheduler.from_config(sd_scheduler().config), 5)
