@@ -17,8 +17,8 @@ from .base import (
     register_reward,
 )
 
-# Imported for its side effect: registering the built-in image rewards.
-from . import image  # noqa: E402,F401
+# Imported for their side effect: registering the built-in rewards.
+from . import compose, image  # noqa: E402,F401
 
 __all__ = [
     "REWARDS",
