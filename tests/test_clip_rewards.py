@@ -348,3 +348,29 @@ def test_hpsv2_load_errors(open_clip_files, monkeypatch, tmp_path):
         cr.HPSv2(checkpoint=str(open_clip_files["hps"]), clip_model=TINY_OPEN_CLIP, dtype="int8")
     with pytest.raises(RewardError, match="open_clip architecture"):
         cr.HPSv2(checkpoint=str(open_clip_files["hps"]), clip_model="no-such-architecture")
+
+
+def _directional_fd_check(reward, images: torch.Tensor, prompts, eps: float = 1e-2) -> None:
+    """Autograd's directional derivative equals a central finite difference along random directions."""
+    x = images.clone().clamp(0.1, 0.9).requires_grad_(True)
+    (grad,) = torch.autograd.grad(reward(x, prompts).rewards.sum(), x)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        v = torch.randn(x.shape, generator=gen)
+        v = v / v.norm()
+        with torch.no_grad():
+            plus = reward(x + eps * v, prompts).rewards.sum()
+            minus = reward(x - eps * v, prompts).rewards.sum()
+        numeric = (plus - minus) / (2 * eps)
+        analytic = (grad * v).sum()
+        assert torch.isclose(analytic, numeric, rtol=0.05, atol=1e-4 * max(1.0, float(analytic.abs()))), (
+            analytic,
+            numeric,
+        )
+
+
+def test_gradients_match_finite_differences(hf_clip, open_clip_files, images, monkeypatch):
+    _directional_fd_check(cr.ClipScore(model=str(hf_clip["full"]), raw=True), images, PROMPTS)
+    _stub_hub(monkeypatch, {(cr.DEFAULT_AESTHETIC_HEAD, cr.AESTHETIC_HEAD_FILENAME): open_clip_files["head"]})
+    aesthetic = cr.LaionAesthetic(clip_model=TINY_OPEN_CLIP, clip_pretrained=str(open_clip_files["clip"]))
+    _directional_fd_check(aesthetic, images, None)
