@@ -144,7 +144,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
         title=f"{config.pipeline}: {run.name}",
         summary=summary,
         metrics_path=metrics if metrics.exists() else None,
-        plot_keys=("reward_mean", "eval_reward_mean", "approx_kl", "grad_norm"),
+        plot_keys=("reward_mean", "eval_reward_mean", "approx_kl_after_update", "grad_norm"),
     )
     print(json.dumps({k: v for k, v in summary.items()}))
     print(f"gallery: {index.resolve()}")
