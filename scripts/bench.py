@@ -43,13 +43,6 @@ def bench_pipe(image_size: int):
     return pipe
 
 
-def generator_of(pipe) -> DiffusionGenerator:
-    return DiffusionGenerator(
-        denoiser=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
-    )
-
-
 def timed(fn, repeats: int) -> float:
     """Median wall time of `repeats` calls after one warm-up call."""
     fn()
@@ -78,7 +71,7 @@ def paired(baseline, ours, repeats: int) -> tuple[float, float]:
 
 def bench_sampling(args) -> dict:
     pipe = bench_pipe(args.image_size).to(args.device)
-    gen = generator_of(pipe)
+    gen = DiffusionGenerator.from_pipeline(pipe)
     prompts = PROMPTS * (args.batch // len(PROMPTS))
     seeds = list(range(len(prompts)))
     options = SamplingOptions(num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0)
@@ -105,7 +98,7 @@ def bench_ddpo(args) -> dict:
     from pipelines.ddpo import ddpo_loss
 
     pipe = bench_pipe(args.image_size).to(args.device)
-    gen = generator_of(pipe)
+    gen = DiffusionGenerator.from_pipeline(pipe)
     gen.denoiser.requires_grad_(True)
     prompts = PROMPTS * (args.batch // len(PROMPTS))
     options = SamplingOptions(num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0)
@@ -143,7 +136,7 @@ def _memory_child(k: int, checkpoint: bool, image_size: int, batch: int, steps: 
     from rewards import build_reward
 
     pipe = bench_pipe(image_size).to(device)
-    gen = generator_of(pipe)
+    gen = DiffusionGenerator.from_pipeline(pipe)
     gen.denoiser.requires_grad_(True)
     reward = build_reward("colorfulness")
     options = SamplingOptions(num_inference_steps=steps, guidance_scale=5.0, eta=0.0)

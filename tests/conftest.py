@@ -9,21 +9,6 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 
 
-def generator_from_pipe(pipe):
-    from genalign.generators.diffusion import DiffusionGenerator
-
-    return DiffusionGenerator(
-        denoiser=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
-        text_encoder_2=getattr(pipe, "text_encoder_2", None),
-        tokenizer_2=getattr(pipe, "tokenizer_2", None),
-        force_zeros_for_empty_prompt=hasattr(pipe, "text_encoder_2"),
-    )
-
-
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny random SD-layout model written as a normal diffusers folder."""

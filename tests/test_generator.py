@@ -15,7 +15,6 @@ from diffusers import (
 from genalign.generators.diffusion import DiffusionGenerator, ModelLoadError, SamplingOptions
 from genalign.sampling import SchedulerNotSupportedError, StepSchedule, gaussian_log_prob, step_mean
 from genalign.worlds.tiny import build_tiny_text_to_image, sd_scheduler
-from tests.conftest import generator_from_pipe
 
 PROMPTS = ["a red circle", "a blue square", "green"]
 SEEDS = [11, 12, 13]
@@ -70,7 +69,7 @@ def test_mean_reduction_is_sum_over_elements():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_sampling_matches_plain_diffusers_pipeline(layout, scheduler, prediction_type):
     pipe = _pipe(layout, scheduler, prediction_type)
-    gen = generator_from_pipe(pipe)
+    gen = DiffusionGenerator.from_pipeline(pipe)
     ours = gen.sample(PROMPTS, SamplingOptions(num_inference_steps=6, guidance_scale=4.0, eta=0.7), seeds=SEEDS)
     kwargs = {"eta": 0.7} if scheduler == "ddim" else {}
     ref = pipe(
@@ -89,7 +88,7 @@ def test_sampling_matches_plain_diffusers_pipeline(layout, scheduler, prediction
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_importance_ratio_is_exactly_one_before_update(layout, scheduler, reduction):
-    gen = generator_from_pipe(_pipe(layout, scheduler))
+    gen = DiffusionGenerator.from_pipeline(_pipe(layout, scheduler))
     options = SamplingOptions(num_inference_steps=5, guidance_scale=3.0, eta=1.0, log_prob_reduction=reduction)
     rollout = gen.sample(PROMPTS, options, seeds=SEEDS)
     traj = rollout.trajectory
@@ -103,7 +102,7 @@ def test_importance_ratio_is_exactly_one_before_update(layout, scheduler, reduct
 
 
 def test_recorded_log_prob_equals_normal_density_of_recorded_step():
-    gen = generator_from_pipe(_pipe("sd"))
+    gen = DiffusionGenerator.from_pipeline(_pipe("sd"))
     options = SamplingOptions(num_inference_steps=4, guidance_scale=2.0, eta=1.0)
     traj = gen.sample(PROMPTS, options, seeds=SEEDS).trajectory
     i = 2
@@ -113,14 +112,14 @@ def test_recorded_log_prob_equals_normal_density_of_recorded_step():
 
 
 def test_ddpm_last_step_is_deterministic_and_excluded():
-    gen = generator_from_pipe(_pipe("sd", "ddpm"))
+    gen = DiffusionGenerator.from_pipeline(_pipe("sd", "ddpm"))
     traj = gen.sample(PROMPTS[:1], SamplingOptions(num_inference_steps=4), seeds=SEEDS[:1]).trajectory
     assert traj.schedule.stochastic.tolist() == [True, True, True, False]
     assert traj.log_probs[0, -1] == 0
 
 
 def test_trajectory_shapes_and_chunked_sampling_is_invariant():
-    gen = generator_from_pipe(_pipe("sd"))
+    gen = DiffusionGenerator.from_pipeline(_pipe("sd"))
     options = SamplingOptions(num_inference_steps=3, guidance_scale=2.0)
     full = gen.sample(PROMPTS, options, seeds=SEEDS)
     chunked = gen.sample(PROMPTS, options, seeds=SEEDS, batch_size=2)
@@ -138,7 +137,7 @@ def test_save_and_load_through_from_pretrained(tmp_path, layout):
     loaded = DiffusionGenerator.from_pretrained(tmp_path / "model")
     assert (loaded.text_encoder_2 is not None) == (layout == "sdxl")
     options = SamplingOptions(num_inference_steps=3, guidance_scale=3.0)
-    a = generator_from_pipe(pipe).sample(PROMPTS, options, seeds=SEEDS).images
+    a = DiffusionGenerator.from_pipeline(pipe).sample(PROMPTS, options, seeds=SEEDS).images
     b = loaded.sample(PROMPTS, options, seeds=SEEDS).images
     assert torch.allclose(a, b, atol=1e-6)
     # Our save_pretrained writes a folder that we and diffusers itself load back.
@@ -170,7 +169,7 @@ def test_unsupported_scheduler_names_the_supported_ones():
 
 
 def test_differentiable_sampling_tracks_only_last_k_steps():
-    gen = generator_from_pipe(_pipe("sd"))
+    gen = DiffusionGenerator.from_pipeline(_pipe("sd"))
     params = [p for n, p in gen.denoiser.named_parameters() if "conv_out" in n]
     gen.denoiser.requires_grad_(False)
     for p in params:

@@ -258,6 +258,23 @@ class DiffusionGenerator:
             ) from error
         return generator
 
+    @classmethod
+    def from_pipeline(cls, pipe) -> "DiffusionGenerator":
+        """Wrap an in-memory diffusers StableDiffusion(XL) pipeline, sharing its modules (no copies)."""
+        text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        return cls(
+            denoiser=pipe.unet,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            scheduler=pipe.scheduler,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=getattr(pipe, "tokenizer_2", None),
+            force_zeros_for_empty_prompt=bool(
+                getattr(pipe.config, "force_zeros_for_empty_prompt", text_encoder_2 is not None)
+            ),
+        )
+
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write a diffusers folder (model_index.json + one subfolder per component).
 
