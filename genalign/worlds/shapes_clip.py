@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -254,17 +254,19 @@ def train_shapes_clip(
     hidden: int = 64,
     layers: int = 2,
     patch: int = 4,
-    progress: bool = False,
+    eval_scenes: int = EVAL_SCENES,
+    progress: Callable[[int, float], None] | None = None,
 ) -> tuple[CLIPModel, CLIPTokenizer, dict[str, float]]:
     """Train a tiny CLIP from scratch on freshly rendered shapes batches.
 
     Every step draws ``batch_size`` new scenes (1..max_shapes shapes) with random-template captions and
     takes one AdamW step on :func:`soft_clip_loss` (learnable logit scale), with a linear warm-up over the
-    first 10% of steps and cosine decay after. Torch's global RNG is forked, so the caller's stays as it was.
+    first 10% of steps and cosine decay after; ``progress(step, loss)`` is called after every step. Torch's
+    global RNG is forked, so the caller's stays as it was.
 
     Returns:
         ``(model in eval mode, tokenizer, metrics)``: metrics from :func:`evaluate_shapes_clip` on
-        held-out scenes of ``seed + 1``, plus ``final_loss`` (mean of the last 10% of steps) and
+        ``eval_scenes`` held-out scenes of ``seed + 1``, plus ``final_loss`` (mean of the last 10% of steps) and
         ``train_seconds``.
     """
     tokenizer = shapes_clip_tokenizer()
@@ -295,12 +297,13 @@ def train_shapes_clip(
             optimiser.step()
             schedule.step()
             losses.append(loss.item())
-            if progress and (step % 50 == 0 or step == steps - 1):
-                print(f"step {step}: loss {loss.item():.3f}, scale {model.logit_scale.exp().item():.1f}")
+            if progress is not None:
+                progress(step, loss.item())
     train_seconds = time.perf_counter() - start
     model.eval()
     metrics = evaluate_shapes_clip(
-        model, tokenizer, seed=seed + 1, image_size=image_size, max_shapes=max_shapes, group=batch_size
+        model, tokenizer, seed=seed + 1, image_size=image_size, max_shapes=max_shapes, group=batch_size,
+        n=eval_scenes,
     )
     tail = losses[-max(1, steps // 10) :]
     metrics["final_loss"] = float(np.mean(tail)) if tail else float("nan")
@@ -326,3 +329,41 @@ def save_shapes_clip(model: CLIPModel, tokenizer: CLIPTokenizer, folder: str | o
         image_std=list(IMAGE_STD),
         resample=3,  # bicubic; a no-op at the native size, which is what the shapes world renders
     ).save_pretrained(folder)
+
+
+def used_token_ids(tokenizer: CLIPTokenizer) -> set[int]:
+    """Every token id a shapes-world caption can contain: all templates with every attribute value (both
+    articles, the multi-shape joiner), plus the start and end tokens."""
+    texts = [
+        shapes.caption(
+            Scene(shapes=(shapes.ShapeSpec(shape, colour, size, position),), background=background),
+            rng=np.random.default_rng(0),  # unused with a fixed template
+            template=template,
+        )
+        for template in range(len(shapes.TEMPLATES))
+        for shape in shapes.SHAPES
+        for colour in shapes.COLOURS
+        for size in shapes.SIZES
+        for position in shapes.POSITIONS
+        for background in shapes.BACKGROUNDS
+    ]
+    texts.append(shapes._SHAPE_JOIN)
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for row in tokenizer(texts)["input_ids"]:
+        ids.update(row)
+    return ids
+
+
+@torch.no_grad()
+def zero_unused_token_embeddings(model: CLIPModel, keep: set[int]) -> int:
+    """Zero the text tower's token-embedding rows outside ``keep``; returns how many rows were zeroed.
+
+    No world caption ever reads those rows, so training never moved them from their random start (weight
+    decay aside) and zeroing them changes no shapes-world output. It makes the saved weights compress: the
+    49,408-row vocabulary is most of the model's size.
+    """
+    weight = model.text_model.embeddings.token_embedding.weight
+    unused = torch.ones(weight.shape[0], dtype=torch.bool)
+    unused[sorted(keep)] = False
+    weight[unused] = 0.0
+    return int(unused.sum())

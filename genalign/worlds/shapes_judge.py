@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from genalign.worlds.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, render, sample_scenes
+from genalign.worlds.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    parse_caption,
+    render,
+    sample_scenes,
+)
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: colour and size of an empty cell are undefined
 CELL_SHAPES: tuple[str, ...] = ("none", *SHAPES)  # per-cell shape classes; 0 = empty cell
@@ -173,6 +183,20 @@ def judge_scenes(model: AttributeClassifier, images: Tensor, scenes: Sequence[Sc
     }
 
 
+def degrade_images(images: Tensor, max_noise: float = 0.05) -> Tensor:
+    """[B, 3, H, W] in [0, 1] -> the same, each image mixed with its 3x3 box blur by a random amount in
+    [0, 1] and given Gaussian pixel noise of a random std in [0, max_noise] (torch's global RNG).
+
+    A decoded latent is softer and noisier than a render; a judge that saw only crisp renders would mark
+    correct but soft shapes wrong, which would read as the generator's fault.
+    """
+    batch = images.shape[0]
+    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(batch, 1, 1, 1)
+    noise = torch.randn_like(images) * torch.rand(batch, 1, 1, 1) * max_noise
+    return ((1 - mix) * images + mix * blurred + noise).clamp(0.0, 1.0)
+
+
 def train_attribute_classifier(
     *,
     steps: int,
@@ -182,14 +206,17 @@ def train_attribute_classifier(
     lr: float = 2e-3,
     seed: int = 0,
     width: int = 16,
-    progress: bool = False,
+    degrade: bool = False,
+    progress: Callable[[int, float], None] | None = None,
 ) -> tuple[AttributeClassifier, dict[str, float]]:
     """Train a judge on freshly rendered scenes (1..max_shapes shapes, size x size pixels) every step.
 
     Data are unlimited, so there is no overfitting to guard against and no epochs. AdamW with a short linear
     warm-up then cosine decay to zero. Seeded: the same arguments give the same weights, and the caller's
-    global torch RNG is left untouched. Returns the model (on the CPU) and :func:`judge_scenes`' accuracies
-    on 1,000 new scenes drawn with seed + 1, ``all_correct`` as its mean, plus ``train_seconds``.
+    global torch RNG is left untouched. With ``degrade``, training images are blurred and noised at random
+    (:func:`degrade_images`), so the judge also reads a generator's softer images; ``progress(step, loss)``
+    is called after every step. Returns the model (on the CPU) and :func:`judge_scenes`' accuracies on 1,000
+    new clean scenes drawn with seed + 1, ``all_correct`` as its mean, plus ``train_seconds``.
     """
     rng = np.random.default_rng(seed)
     warmup = max(1, steps // 20)
@@ -207,13 +234,16 @@ def train_attribute_classifier(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         for step in range(steps):
             scenes = sample_scenes(batch_size, rng=rng, max_shapes=max_shapes)
-            loss = _loss(model(render(scenes, size=size).images), scene_targets(scenes))
+            images = render(scenes, size=size).images
+            if degrade:
+                images = degrade_images(images)
+            loss = _loss(model(images), scene_targets(scenes))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if progress and (step % 100 == 0 or step == steps - 1):
-                print(f"judge step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+            if progress is not None:
+                progress(step, loss.item())
     train_seconds = time.perf_counter() - start
 
     held_out = sample_scenes(HELD_OUT_SCENES, rng=np.random.default_rng(seed + 1), max_shapes=max_shapes)
@@ -258,3 +288,21 @@ def _vocabularies() -> dict[str, list[str]]:
         "background": list(BACKGROUNDS),
         "position": list(POSITIONS),
     }
+
+
+def judge_prompts(model: AttributeClassifier, images: Tensor, prompts: Sequence[str]) -> dict[str, float | Tensor]:
+    """:func:`judge_scenes` against the scenes the prompts ask for (parsed back with ``parse_caption``).
+
+    Raises ValueError naming the first prompt that is not a shapes-world caption, since such a prompt has
+    no gold answer.
+    """
+    scenes = []
+    for prompt in prompts:
+        scene = parse_caption(prompt)
+        if scene is None:
+            raise ValueError(
+                f"prompt {prompt!r} is not a shapes-world caption, so the gold judge cannot check it; use captions "
+                "made by genalign.worlds.shapes.caption (e.g. configs/prompts/shapes_eval.txt)"
+            )
+        scenes.append(scene)
+    return judge_scenes(model, images, scenes)
