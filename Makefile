@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY_MODEL := runs/worlds/tiny-sd
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench worlds tiny-model clean
 
 install: $(STAMP)
 
@@ -14,12 +14,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-$(TINY_MODEL)/model_index.json: | $(STAMP)
-	$(PY) -m genalign.worlds.tiny $(TINY_MODEL) --pretrain-steps 300
-
-demo: $(STAMP) $(TINY_MODEL)/model_index.json
+# The demo fine-tunes the committed shapes world (genalign/worlds/assets/shapes); `make worlds` rebuilds it
+# from its seeded recipe into runs/worlds/shapes (about an hour on 2 cores).
+demo: $(STAMP)
+	rm -rf runs/demo
 	$(PY) -m genalign.cli finetune --config configs/demo.yaml
 	$(PY) -m genalign.cli gallery --run runs/demo --n 4
+
+worlds: $(STAMP)
+	$(PY) scripts/build_worlds.py shapes
+
+# The random tiny SD-layout model that configs/ddpo_tiny.yaml and draft_tiny.yaml fine-tune.
+tiny-model: $(TINY_MODEL)/model_index.json
+
+$(TINY_MODEL)/model_index.json: | $(STAMP)
+	$(PY) -m genalign.worlds.tiny $(TINY_MODEL) --pretrain-steps 300
 
 test: $(STAMP)
 	$(PY) -m pytest -q

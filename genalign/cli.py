@@ -94,8 +94,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gold_label(verdict: dict[str, float]) -> str:
+    """One sample's gold verdict as text: "correct", or the attributes it got wrong."""
+    if verdict.get("all_correct", 0.0) == 1.0:
+        return "correct"
+    wrong = [name for name, value in verdict.items() if name != "all_correct" and value < 1.0]
+    return "wrong: " + (", ".join(wrong) if wrong else "extra shapes")
+
+
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from genalign.engine import build_reward, load_prompts, read_prompt_file, total_reward
+    from genalign.engine import build_gold, build_reward, load_prompts, read_prompt_file, total_reward
     from genalign.gallery import GalleryImage, PromptRow, write_gallery
 
     run = Path(args.run)
@@ -104,6 +112,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     prompts = read_prompt_file(args.prompts) if args.prompts else load_prompts(config.prompts)[1]
     prompts = prompts[: args.max_prompts]
     reward = build_reward(config.reward)
+    gold = build_gold(config.eval.gold)
     batch = [p for p in prompts for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(batch))]
     device = _device()
@@ -114,8 +123,13 @@ def cmd_gallery(args: argparse.Namespace) -> int:
             batch, config.sampling.options(), seeds=seeds, batch_size=config.sampling.batch_size,
             return_trajectory=False,
         )
-        scores = total_reward(reward(rollout.images, rollout.prompts).rewards)
-        results[name] = (rollout.images.cpu(), scores.cpu())
+        scores = total_reward(reward(rollout.images, rollout.prompts).rewards).cpu()
+        verdicts = {k: v.cpu() for k, v in gold(rollout.images, rollout.prompts).items()} if gold else {}
+        labels = [
+            {"seed": str(seed), **({"gold": _gold_label({k: float(v[i]) for k, v in verdicts.items()})} if gold else {})}
+            for i, seed in enumerate(seeds)
+        ]
+        results[name] = (rollout.images.cpu(), scores, labels, verdicts)
     rows = []
     for p, prompt in enumerate(prompts):
         sl = slice(p * args.n, (p + 1) * args.n)
@@ -124,29 +138,32 @@ def cmd_gallery(args: argparse.Namespace) -> int:
                 prompt=prompt,
                 **{
                     name: [
-                        GalleryImage(image=img, reward=float(r), labels={"seed": str(s)})
-                        for img, r, s in zip(images[sl], scores[sl], seeds[sl])
+                        GalleryImage(image=img, reward=float(r), labels=label)
+                        for img, r, label in zip(images[sl], scores[sl], labels[sl])
                     ]
-                    for name, (images, scores) in results.items()
+                    for name, (images, scores, labels, _) in results.items()
                 },
             )
         )
-    summary = {
-        "reward": config.reward.name,
-        "mean reward before": float(results["before"][1].mean()),
-        "mean reward after": float(results["after"][1].mean()),
-        "samples per grid": args.n,
-    }
+    summary: dict[str, float | str] = {"reward": config.reward.name}
+    for name, (_, scores, _, verdicts) in results.items():
+        summary[f"mean reward {name}"] = float(scores.mean())
+        for key, value in verdicts.items():
+            summary[f"gold {key} {name}"] = float(value.mean())
+    summary["samples per grid"] = args.n
     metrics = run / "metrics.jsonl"
+    plot_keys = ["reward_mean", "eval_reward_mean", "approx_kl_after_update", "grad_norm"]
+    if gold is not None:
+        plot_keys[2:2] = ["eval_gold_all_correct", "eval_gold_position", "eval_gold_colour"]
     index = write_gallery(
         Path(args.out) if args.out else run / "gallery",
         rows,
         title=f"{config.pipeline}: {run.name}",
         summary=summary,
         metrics_path=metrics if metrics.exists() else None,
-        plot_keys=("reward_mean", "eval_reward_mean", "approx_kl_after_update", "grad_norm"),
+        plot_keys=plot_keys,
     )
-    print(json.dumps({k: v for k, v in summary.items()}))
+    print(json.dumps(summary))
     print(f"gallery: {index.resolve()}")
     return 0
 

@@ -71,12 +71,23 @@ class SamplingConfig:
 
 
 @dataclass
+class GoldConfig:
+    """A gold evaluator (a world's judge that no reward uses) by name from `genalign.worlds.GOLD_EVALUATORS`,
+    with constructor arguments; no name, no gold evaluation."""
+
+    name: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class EvalConfig:
-    """Held-out evaluation: every `every` epochs, `samples_per_prompt` fixed-seed samples per eval prompt."""
+    """Held-out evaluation: every `every` epochs, `samples_per_prompt` fixed-seed samples per eval prompt,
+    scored by the training reward and, when `gold.name` is set, by the gold evaluator."""
 
     every: int = 5
     samples_per_prompt: int = 2
     seed: int = 10_000
+    gold: GoldConfig = field(default_factory=GoldConfig)
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -115,6 +126,18 @@ def build_reward(config: RewardConfig):
     from rewards import build_reward as build
 
     return build(config.name, **config.kwargs)
+
+
+def build_gold(config: GoldConfig):
+    """The configured gold evaluator, or None."""
+    if config.name is None:
+        return None
+    from genalign.worlds import build_gold as build
+
+    try:
+        return build(config.name, **config.kwargs)
+    except (ValueError, TypeError, OSError) as exc:
+        raise ConfigError(f"eval.gold: {exc}") from exc
 
 
 @dataclass
@@ -195,11 +218,19 @@ def evaluate(
     gather=None,
     process_index: int = 0,
     num_processes: int = 1,
+    gold=None,
 ) -> dict[str, float]:
-    """Mean/std reward of fixed-seed samples on held-out prompts (sharded over processes, then gathered)."""
+    """Mean/std reward of fixed-seed samples on held-out prompts (sharded over processes, then gathered),
+    plus ``eval_gold_<name>`` means of the gold evaluator's per-sample verdicts when one is given."""
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     seeds = [seed + i for i in range(len(all_prompts))]
     mine = list(range(process_index, len(all_prompts), num_processes))
+    if not mine and gold is not None:
+        raise ConfigError(
+            f"{len(all_prompts)} held-out samples cannot be split over {num_processes} processes for gold "
+            "evaluation; raise eval.samples_per_prompt or add eval prompts"
+        )
+    verdicts: dict[str, torch.Tensor] = {}
     if not mine:
         width = () if len(reward.objectives) == 1 else (len(reward.objectives),)
         values = torch.zeros((0, *width), device=generator.device)
@@ -212,9 +243,17 @@ def evaluate(
             return_trajectory=False,
         )
         values = reward(rollout.images, rollout.prompts).rewards
+        if gold is not None:
+            verdicts = gold(rollout.images, rollout.prompts)
     if gather is not None and num_processes > 1:
         values = gather(values)
-    return reward_metrics(values, reward.objectives, prefix="eval_reward")
+    metrics = reward_metrics(values, reward.objectives, prefix="eval_reward")
+    for name, verdict in verdicts.items():
+        verdict = verdict.to(values.device, torch.float32)
+        if gather is not None and num_processes > 1:
+            verdict = gather(verdict)
+        metrics[f"eval_gold_{name}"] = float(verdict.mean())
+    return metrics
 
 
 @dataclass
@@ -243,6 +282,7 @@ class DiffusionPipeline:
         self.prompts, self.eval_prompts = load_prompts(config.prompts)
         self.generator = generator or build_generator(config.model)
         self.reward = reward or build_reward(config.reward)
+        self.gold = build_gold(config.eval.gold)
 
     def sample(self, prompts: list[str], seeds: list[int] | None = None) -> Rollout:
         """Images from the current model with the run's sampler settings (images [B, 3, H, W] in [0, 1])."""
@@ -264,4 +304,5 @@ class DiffusionPipeline:
                 gather=trainer.gather,
                 process_index=trainer.process_index,
                 num_processes=trainer.num_processes,
+                gold=self.gold,
             )

@@ -4,6 +4,7 @@
     python scripts/build_worlds.py shapes --recipe tiny --out /tmp/shapes-tiny
     python scripts/build_worlds.py shapes --stages t2i,report --force   # redo two stages
     python scripts/build_worlds.py shapes --out genalign/worlds/assets/shapes   # refresh the committed copy
+    python scripts/build_worlds.py shapes-prompts --out configs/prompts   # shapes_train.txt, shapes_eval.txt
 
 An interrupted build resumes at its first unfinished stage when run again with the same arguments.
 """
@@ -20,12 +21,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genalign.worlds.build_shapes import RECIPES, STAGES, build_shapes_world  # noqa: E402
+from genalign.worlds.build_shapes import RECIPES, STAGES, build_shapes_world, shapes_prompts  # noqa: E402
+
+# Training captions for the shapes pipelines and held-out captions disjoint from them.
+TRAIN_PROMPTS, EVAL_PROMPTS = 2000, 256
+
+
+def write_shapes_prompts(folder: Path) -> None:
+    train = shapes_prompts(TRAIN_PROMPTS, seed=100)
+    held_out = shapes_prompts(EVAL_PROMPTS, seed=200, exclude=train)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "shapes_train.txt").write_text("\n".join(train) + "\n")
+    (folder / "shapes_eval.txt").write_text("\n".join(held_out) + "\n")
+    print(f"wrote {len(train)} training and {len(held_out)} held-out captions to {folder}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("world", choices=["shapes"], help="which world to build")
+    parser.add_argument("world", choices=["shapes", "shapes-prompts"], help="what to build")
     parser.add_argument("--out", default=None, help="world folder (default: runs/worlds/<world>)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="full")
     parser.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
@@ -34,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.world == "shapes-prompts":
+        write_shapes_prompts(Path(args.out or "configs/prompts"))
+        return 0
     out = Path(args.out or f"runs/worlds/{args.world}")
     stages = args.stages.split(",") if args.stages else None
     start = time.perf_counter()

@@ -219,7 +219,7 @@ def evaluate_world_model(
     from genalign.generators.diffusion import DiffusionGenerator, SamplingOptions
     from rewards.clip_rewards import ClipScore
 
-    from .shapes_judge import judge_prompts, load_judge
+    from .shapes_judge import ShapesGold
 
     world = Path(world)
     generator = DiffusionGenerator.from_pretrained(model, torch_dtype=torch.float32)
@@ -228,8 +228,8 @@ def evaluate_world_model(
         list(prompts), options, seeds=[seed + i for i in range(len(prompts))], batch_size=batch_size,
         return_trajectory=False,
     )
-    verdict = judge_prompts(load_judge(world / "judge"), rollout.images, prompts)
-    metrics = {f"gold_{k}": float(v.float().mean()) if torch.is_tensor(v) else v for k, v in verdict.items()}
+    verdict = ShapesGold(world / "judge")(rollout.images, prompts)
+    metrics = {f"gold_{name}": float(value.mean()) for name, value in verdict.items()}
     metrics.update(
         chance_shape=1 / len(shapes.SHAPES),
         chance_colour=1 / (len(shapes.COLOURS) - 1),

@@ -147,6 +147,31 @@ def _loss(logits: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
     )
 
 
+def _checks(model: AttributeClassifier, images: Tensor, scenes: Sequence[Scene]) -> dict[str, Tensor]:
+    """Per-cell bool checks [B, 9] (``shape``, ``colour``, ``size``, ``present``: some shape in the cell,
+    ``occupied``: the scene puts one there) and per-image ``background`` and ``all_correct`` [B]."""
+    if len(scenes) != len(images):
+        raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
+    predicted = {name: value.cpu() for name, value in model.predict(images).items()}
+    target = scene_targets(scenes)
+    occupied = target["shape"] != 0  # [B, 9]
+    shape_ok = predicted["shape"] == target["shape"]
+    colour_ok = predicted["colour"] == target["colour"]
+    size_ok = predicted["size"] == target["size"]
+    background_ok = predicted["background"] == target["background"]
+    # Per cell: an occupied cell must match in all three attributes, an empty one must be predicted empty.
+    cell_ok = torch.where(occupied, shape_ok & colour_ok & size_ok, predicted["shape"] == 0)
+    return {
+        "shape": shape_ok,
+        "colour": colour_ok,
+        "size": size_ok,
+        "present": predicted["shape"] != 0,
+        "occupied": occupied,
+        "background": background_ok,
+        "all_correct": cell_ok.all(dim=1) & background_ok,
+    }
+
+
 def judge_scenes(model: AttributeClassifier, images: Tensor, scenes: Sequence[Scene]) -> dict[str, float | Tensor]:
     """Check B images [B, 3, H, W] against the B scenes they were meant to show.
 
@@ -156,30 +181,40 @@ def judge_scenes(model: AttributeClassifier, images: Tensor, scenes: Sequence[Sc
     has the right shape, colour and size at its cell, the background is right and no cell the scene leaves
     empty holds a shape.
     """
-    if len(scenes) != len(images):
-        raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
-    predicted = {name: value.cpu() for name, value in model.predict(images).items()}
-    target = scene_targets(scenes)
-    occupied = target["shape"] != 0  # [B, 9]
-
-    shape_ok = predicted["shape"] == target["shape"]
-    colour_ok = predicted["colour"] == target["colour"]
-    size_ok = predicted["size"] == target["size"]
-    background_ok = predicted["background"] == target["background"]
-    # Per cell: an occupied cell must match in all three attributes, an empty one must be predicted empty.
-    cell_ok = torch.where(occupied, shape_ok & colour_ok & size_ok, predicted["shape"] == 0)
-    all_correct = cell_ok.all(dim=1) & background_ok
+    checks = _checks(model, images, scenes)
+    occupied = checks["occupied"]
 
     def mean_over_shapes(correct: Tensor) -> float:
         return correct[occupied].float().mean().item()
 
     return {
-        "shape": mean_over_shapes(shape_ok),
-        "colour": mean_over_shapes(colour_ok),
-        "size": mean_over_shapes(size_ok),
-        "position": mean_over_shapes(predicted["shape"] != 0),
-        "background": background_ok.float().mean().item(),
-        "all_correct": all_correct,
+        "shape": mean_over_shapes(checks["shape"]),
+        "colour": mean_over_shapes(checks["colour"]),
+        "size": mean_over_shapes(checks["size"]),
+        "position": mean_over_shapes(checks["present"]),
+        "background": checks["background"].float().mean().item(),
+        "all_correct": checks["all_correct"],
+    }
+
+
+def judge_images(model: AttributeClassifier, images: Tensor, scenes: Sequence[Scene]) -> dict[str, Tensor]:
+    """Per-image verdicts, float [B] each: ``shape``, ``colour``, ``size``, ``position`` (each the fraction
+    of the image's intended shapes that pass, as in :func:`judge_scenes`), ``background`` and
+    ``all_correct`` (0 or 1)."""
+    checks = _checks(model, images, scenes)
+    occupied = checks["occupied"].float()
+    count = occupied.sum(dim=1).clamp(min=1)
+
+    def per_image(correct: Tensor) -> Tensor:
+        return (correct.float() * occupied).sum(dim=1) / count
+
+    return {
+        "shape": per_image(checks["shape"]),
+        "colour": per_image(checks["colour"]),
+        "size": per_image(checks["size"]),
+        "position": per_image(checks["present"]),
+        "background": checks["background"].float(),
+        "all_correct": checks["all_correct"].float(),
     }
 
 
@@ -290,12 +325,9 @@ def _vocabularies() -> dict[str, list[str]]:
     }
 
 
-def judge_prompts(model: AttributeClassifier, images: Tensor, prompts: Sequence[str]) -> dict[str, float | Tensor]:
-    """:func:`judge_scenes` against the scenes the prompts ask for (parsed back with ``parse_caption``).
-
-    Raises ValueError naming the first prompt that is not a shapes-world caption, since such a prompt has
-    no gold answer.
-    """
+def scenes_from_prompts(prompts: Sequence[str]) -> list[Scene]:
+    """The scenes B prompts ask for; raises ValueError naming the first prompt that is not a shapes-world
+    caption, since such a prompt has no gold answer."""
     scenes = []
     for prompt in prompts:
         scene = parse_caption(prompt)
@@ -305,4 +337,25 @@ def judge_prompts(model: AttributeClassifier, images: Tensor, prompts: Sequence[
                 "made by genalign.worlds.shapes.caption (e.g. configs/prompts/shapes_eval.txt)"
             )
         scenes.append(scene)
-    return judge_scenes(model, images, scenes)
+    return scenes
+
+
+class ShapesGold:
+    """The shapes world's gold evaluator: ``gold(images, prompts)`` -> per-image verdicts (see
+    :func:`judge_images`), judged against the scenes the prompts ask for.
+
+    Args:
+        judge: folder written by :func:`save_judge` (e.g. ``genalign/worlds/assets/shapes/judge``).
+    """
+
+    def __init__(self, judge: str | os.PathLike) -> None:
+        if not (Path(judge) / _CONFIG_FILE).is_file():
+            raise FileNotFoundError(
+                f"no shapes judge in '{judge}' (expected {_CONFIG_FILE}); pass the judge folder of a built shapes "
+                "world, e.g. genalign/worlds/assets/shapes/judge, or build one with scripts/build_worlds.py shapes"
+            )
+        self.model = load_judge(judge)
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """images [B, 3, H, W] in [0, 1] + B prompts -> name -> float [B] on the CPU."""
+        return judge_images(self.model, images.detach(), scenes_from_prompts(prompts))
