@@ -1,4 +1,5 @@
-"""CLIP-family rewards that people fine-tune with: CLIPScore, PickScore, LAION aesthetic and HPSv2.
+"""CLIP-family rewards that people fine-tune with: CLIPScore, PickScore, LAION aesthetic (also as
+``clip_aesthetic``, its head on any transformers CLIP) and HPSv2.
 
 Each reward loads its public checkpoint by Hugging Face hub id *or* by a local folder/file, through the
 same code path (a hub id is only downloaded, or found in the HF cache, and then loaded like a local
@@ -19,6 +20,7 @@ clip_score         ``max(100 * cos(image, text), 0)`` (torchmetrics)         20 
 clip_score raw     ``cos(image, text)``                                      0.2 .. 0.35
 pickscore          ``logit_scale.exp() * cos`` (logit_scale.exp() ~ 100)     18 .. 24
 laion_aesthetic    MLP on the L2-normalised ViT-L/14 image embedding         4 .. 7 (of 10)
+clip_aesthetic     the same MLP on any transformers CLIP's embedding         the head's scale
 hpsv2              ``cos(image, text)`` (no logit scale, as in HPSv2)        0.2 .. 0.35
 =================  ========================================================  =================
 
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
     from transformers import CLIPModel
 
 __all__ = [
+    "AestheticHead",
+    "ClipAesthetic",
     "ClipScore",
     "HPSv2",
     "ImageInputSpec",
@@ -59,6 +63,8 @@ DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 DEFAULT_AESTHETIC_HEAD = "camenduru/improved-aesthetic-predictor"
 AESTHETIC_HEAD_FILENAME = "sac+logos+ava1-l14-linearMSE.pth"
+# What genalign.worlds.shapes_aesthetic.save_aesthetic_head writes; ClipAesthetic looks for it in folders.
+CLIP_AESTHETIC_HEAD_FILENAME = "aesthetic_head.safetensors"
 DEFAULT_HPS_CHECKPOINT = "xswu/HPSv2"
 HPS_FILENAMES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 
@@ -253,6 +259,29 @@ def _freeze(module: torch.nn.Module, dtype: torch.dtype | str | None) -> torch.n
     return module.eval().requires_grad_(False)
 
 
+def _load_transformers_clip_model(
+    what: str, model: str, local_files_only: bool, dtype: torch.dtype | str | None
+) -> CLIPModel:
+    """Load a frozen transformers ``CLIPModel`` from a hub id or a local ``save_pretrained`` folder."""
+    from transformers import CLIPModel
+
+    try:
+        clip = CLIPModel.from_pretrained(os.path.expanduser(model), local_files_only=local_files_only)
+    except Exception as exc:  # any load failure gets the same actionable message
+        raise _load_error(f"{what} model", model, "model", "/path/to/folder", exc) from exc
+    return _freeze(clip, dtype)
+
+
+def _load_hf_image_spec(what: str, processor: str, local_files_only: bool) -> ImageInputSpec:
+    """The image preprocessing in ``preprocessor_config.json`` of a hub id or local folder."""
+    try:
+        config_file = _fetch_file(processor, ["preprocessor_config.json"], local_files_only)
+        with open(config_file, encoding="utf-8") as f:
+            return _spec_from_hf_processor(json.load(f))
+    except Exception as exc:
+        raise _load_error(f"{what} processor", processor, "processor", "/path/to/folder", exc) from exc
+
+
 def _load_transformers_clip(
     what: str,
     model: str,
@@ -268,22 +297,16 @@ def _load_transformers_clip(
     Returns:
         ``(frozen model, tokenizer, image spec)``.
     """
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import AutoTokenizer
 
-    try:
-        clip = CLIPModel.from_pretrained(os.path.expanduser(model), local_files_only=local_files_only)
-    except Exception as exc:  # any load failure gets the same actionable message
-        raise _load_error(f"{what} model", model, "model", "/path/to/folder", exc) from exc
+    clip = _load_transformers_clip_model(what, model, local_files_only, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             os.path.expanduser(processor), local_files_only=local_files_only
         )
-        config_file = _fetch_file(processor, ["preprocessor_config.json"], local_files_only)
-        with open(config_file, encoding="utf-8") as f:
-            spec = _spec_from_hf_processor(json.load(f))
     except Exception as exc:
         raise _load_error(f"{what} processor", processor, "processor", "/path/to/folder", exc) from exc
-    return _freeze(clip, dtype), tokenizer, spec
+    return clip, tokenizer, _load_hf_image_spec(what, processor, local_files_only)
 
 
 def _load_open_clip(
@@ -403,6 +426,15 @@ class _FrozenModelReward(Reward):
         return list(conditions)
 
 
+def _transformers_image_embeds(model: CLIPModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Preprocessed ``[B, 3, h, w]`` pixels -> ``[B, projection_dim]`` projected (unnormalised) embeddings.
+
+    What ``get_image_features`` returns, written out because its return type differs between
+    transformers 4 (tensor) and 5 (model output).
+    """
+    return model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+
+
 class _TransformersClipReward(_FrozenModelReward):
     """Image-text cosine similarity with a transformers ``CLIPModel``."""
 
@@ -431,9 +463,7 @@ class _TransformersClipReward(_FrozenModelReward):
         """
         x = self._place(images)
         pixels = clip_preprocess(x, self.image_spec).to(self._model_dtype())
-        # Projections of the pooled tower outputs: what get_{image,text}_features return, written out
-        # because their return type differs between transformers 4 (tensor) and 5 (model output).
-        image_embeds = self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
+        image_embeds = _transformers_image_embeds(self.model, pixels)
         tokens = self.tokenizer(
             list(prompts),
             padding=True,
@@ -442,6 +472,7 @@ class _TransformersClipReward(_FrozenModelReward):
             return_tensors="pt",
         ).to(x.device)
         with torch.no_grad():
+            # The projected pooled output, as _transformers_image_embeds computes for the images.
             text_out = self.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
             text_embeds = self.model.text_projection(text_out.pooler_output)
         return F.cosine_similarity(image_embeds, text_embeds, dim=-1)
@@ -538,11 +569,13 @@ def _aesthetic_mlp(in_features: int) -> torch.nn.Sequential:
     )
 
 
-class _AestheticHead(torch.nn.Module):
-    """Wrapper so the state-dict keys read ``layers.*`` as in the released file."""
+class AestheticHead(torch.nn.Module):
+    """The improved-aesthetic-predictor MLP, wrapped so the state-dict keys read ``layers.*`` as in the
+    released file. Used by :class:`LaionAesthetic` and :class:`ClipAesthetic`."""
 
     def __init__(self, in_features: int) -> None:
         super().__init__()
+        self.in_features = in_features
         self.layers = _aesthetic_mlp(in_features)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -606,7 +639,7 @@ class LaionAesthetic(_FrozenModelReward):
                 f"but open_clip {clip_model!r} produces {embed_dim}-d ones; the released head goes with "
                 f"clip_model='ViT-L-14'"
             )
-        self.head = _AestheticHead(embed_dim)
+        self.head = AestheticHead(embed_dim)
         try:
             self.head.load_state_dict(state)
         except RuntimeError as exc:
@@ -625,6 +658,92 @@ class LaionAesthetic(_FrozenModelReward):
         return (
             f"clip_model={self.clip_model!r}, clip_pretrained={self.clip_pretrained!r}, "
             f"head={self.head_source!r}, " + super().extra_repr()
+        )
+
+
+def _load_head_state(path: str) -> dict[str, torch.Tensor]:
+    """An aesthetic head's state dict from safetensors, or from a torch file such as the released ``.pth``
+    (tensors only: ``weights_only`` refuses pickled objects)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@register_reward("clip_aesthetic")
+class ClipAesthetic(_FrozenModelReward):
+    """Text-free aesthetic score: an improved-aesthetic-predictor MLP (:class:`AestheticHead`) on the
+    L2-normalised projected image embedding of a transformers ``CLIPModel``.
+
+    :class:`LaionAesthetic`'s recipe with the CLIP loaded through transformers, so it takes any CLIP
+    checkpoint folder, such as the shapes world's tiny CLIP with a head from
+    ``genalign.worlds.shapes_aesthetic.train_aesthetic_head`` (scores on its rule's 1-10 scale).
+
+    Args:
+        model: hub id or local folder of a transformers ``CLIPModel``.
+        head: the head's weights: a ``.safetensors`` file (``layers.0.weight`` ... ``layers.7.bias``, as
+            ``save_aesthetic_head`` writes), a torch state-dict file with the same keys (e.g. the released
+            LAION ``.pth``, whose 768-d input matches ``openai/clip-vit-large-patch14``), a folder holding
+            ``aesthetic_head.safetensors``, or a hub repo holding that file.
+        processor: hub id or folder with ``preprocessor_config.json``; default ``model``. No tokenizer
+            is needed.
+        device, dtype, local_files_only: as for :class:`ClipScore`.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        head: str,
+        processor: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        local_files_only: bool = False,
+    ) -> None:
+        super().__init__(device)
+        self.model_id, self.head_source = model, head
+        self.processor_id = processor or model
+        self.model = _load_transformers_clip_model("CLIP aesthetic", model, local_files_only, dtype)
+        self.image_spec = _load_hf_image_spec("CLIP aesthetic", self.processor_id, local_files_only)
+        try:
+            head_file = _fetch_file(head, [CLIP_AESTHETIC_HEAD_FILENAME], local_files_only)
+            state = _load_head_state(head_file)
+        except Exception as exc:
+            raise _load_error(
+                "CLIP aesthetic head", head, "head", f"/path/to/{CLIP_AESTHETIC_HEAD_FILENAME}", exc
+            ) from exc
+        if not isinstance(state, dict) or "layers.0.weight" not in state:
+            raise RewardError(
+                f"{head_file} is not an aesthetic head: expected a state dict with keys layers.0.weight ... "
+                f"layers.7.bias (the improved-aesthetic-predictor layout that save_aesthetic_head writes)"
+            )
+        embed_dim = self.model.config.projection_dim
+        head_dim = state["layers.0.weight"].shape[-1]
+        if head_dim != embed_dim:
+            raise RewardError(
+                f"aesthetic head {head_file} expects {head_dim}-d image embeddings but CLIP model {model!r} "
+                f"projects images to {embed_dim}-d ones; pass the CLIP the head was trained on, or train a "
+                f"head on this CLIP's embeddings (genalign.worlds.shapes_aesthetic.train_aesthetic_head)"
+            )
+        self.head = AestheticHead(embed_dim)
+        try:
+            self.head.load_state_dict(state)
+        except RuntimeError as exc:
+            raise RewardError(f"aesthetic head {head_file} does not match the MLP layout: {exc}") from exc
+        _freeze(self.head, self._model_dtype())
+        self._finish_init()
+
+    def score(self, outputs: torch.Tensor, conditions: Sequence[str] | None) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> ``[B]`` float32 aesthetic score on ``outputs.device`` (prompts ignored)."""
+        x = self._place(outputs)
+        pixels = clip_preprocess(x, self.image_spec).to(self._model_dtype())
+        embeddings = F.normalize(_transformers_image_embeds(self.model, pixels), dim=-1)
+        return self.head(embeddings).float().to(outputs.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"model={self.model_id!r}, processor={self.processor_id!r}, head={self.head_source!r}, "
+            + super().extra_repr()
         )
 
 
