@@ -12,6 +12,8 @@ Benchmarks:
   calls (CUDA: torch.cuda.max_memory_allocated; CPU: peak resident memory of a fresh subprocess per setting, polled every
   millisecond, minus the resident memory after loading the model, with glibc's mmap threshold fixed so that RSS follows live memory).
 - attention: diffusers' fused SDPA processor (AttnProcessor2_0) vs the naive AttnProcessor, UNet forward.
+- shapes: the committed shapes-world model (genalign/worlds/assets/shapes/t2i) at the demo's settings (64 images,
+  10 DDIM steps, CFG 5, eta 1): our sampler with per-step log-probs vs diffusers' pipeline, plus samples/s.
 """
 
 from __future__ import annotations
@@ -91,6 +93,38 @@ def bench_sampling(args) -> dict:
         "baseline_s": base,
         "ours_s": mine,
         "ratio": mine / base,
+    }
+
+
+SHAPES_MODEL = ROOT / "genalign" / "worlds" / "assets" / "shapes" / "t2i"
+
+
+def bench_shapes(args) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(SHAPES_MODEL, safety_checker=None).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    gen = DiffusionGenerator.from_pipeline(pipe)
+    prompts = (ROOT / "configs" / "prompts" / "shapes_eval.txt").read_text().splitlines()[:64]
+    seeds = list(range(len(prompts)))
+    options = SamplingOptions(num_inference_steps=10, guidance_scale=5.0, eta=1.0)
+
+    def ours():
+        gen.sample(prompts, options, seeds=seeds, batch_size=64)
+
+    def plain():
+        with torch.no_grad():
+            pipe(prompts, num_inference_steps=10, guidance_scale=5.0, eta=1.0, output_type="pt",
+                 generator=[torch.Generator().manual_seed(s) for s in seeds])
+
+    base, mine = paired(plain, ours, args.repeats)
+    return {
+        "benchmark": "shapes world: 64 images, 10 DDIM steps, CFG 5, 32px (8x8 latents)",
+        "baseline": "diffusers StableDiffusionPipeline",
+        "baseline_s": base,
+        "ours_s": mine,
+        "ratio": mine / base,
+        "samples_per_s": len(prompts) / mine,
     }
 
 
@@ -246,7 +280,7 @@ def bench_attention(args) -> dict:
 def markdown(rows: list[dict]) -> str:
     lines = ["| benchmark | baseline | baseline s | ours s | ratio (ours / baseline) | extra |", "|---|---|---|---|---|---|"]
     for r in rows:
-        extra = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k in ("peak_mib", "ddpo_updates_per_s"))
+        extra = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k in ("peak_mib", "ddpo_updates_per_s", "samples_per_s"))
         fmt = lambda v: "" if v is None else f"{v:.4f}"
         lines.append(f"| {r['benchmark']} | {r['baseline']} | {fmt(r['baseline_s'])} | {fmt(r['ours_s'])} | "
                      f"{r['ratio']:.3f} | {extra} |")
@@ -255,7 +289,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["sampling", "ddpo", "memory", "attention"])
+    parser.add_argument("--only", choices=["sampling", "ddpo", "memory", "attention", "shapes"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -269,7 +303,8 @@ def main() -> None:
                       args.steps, args.device)
         return
     torch.manual_seed(0)
-    benches = {"sampling": bench_sampling, "ddpo": bench_ddpo, "memory": bench_memory, "attention": bench_attention}
+    benches = {"sampling": bench_sampling, "ddpo": bench_ddpo, "memory": bench_memory, "attention": bench_attention,
+               "shapes": bench_shapes}
     rows = []
     for name, fn in benches.items():
         if args.only and name != args.only:
