@@ -578,6 +578,33 @@ class AestheticHead(torch.nn.Module):
         self.in_features = in_features
         self.layers = _aesthetic_mlp(in_features)
 
+    @classmethod
+    def from_state_dict(
+        cls, state: object, embed_dim: int, source: str, embedder: str, fix: str
+    ) -> AestheticHead:
+        """A head from a loaded state dict, checked against the ``embed_dim``-d embeddings of ``embedder``.
+
+        Raises RewardError naming ``source`` when the dict is not this layout or expects another width
+        (``fix`` says what to do about the width).
+        """
+        if not isinstance(state, dict) or "layers.0.weight" not in state:
+            raise RewardError(
+                f"{source} is not an aesthetic head: expected a state dict with keys layers.0.weight ... "
+                f"layers.7.bias (the improved-aesthetic-predictor layout)"
+            )
+        head_dim = state["layers.0.weight"].shape[-1]
+        if head_dim != embed_dim:
+            raise RewardError(
+                f"aesthetic head {source} expects {head_dim}-d image embeddings but {embedder} produces "
+                f"{embed_dim}-d ones; {fix}"
+            )
+        head = cls(embed_dim)
+        try:
+            head.load_state_dict(state)
+        except RuntimeError as exc:
+            raise RewardError(f"aesthetic head {source} does not match the MLP layout: {exc}") from exc
+        return head
+
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` L2-normalised image embeddings -> ``[B]`` aesthetic scores."""
         return self.layers(embeddings).squeeze(-1)
@@ -627,23 +654,10 @@ class LaionAesthetic(_FrozenModelReward):
             raise _load_error(
                 "LAION aesthetic head", head, "head", f"/path/to/{head_filename}", exc
             ) from exc
-        embed_dim = self.model.visual.output_dim
-        if not isinstance(state, dict) or "layers.0.weight" not in state:
-            raise RewardError(
-                f"{head_file} is not an improved-aesthetic-predictor head: expected a state dict with "
-                f"keys layers.0.weight ... layers.7.bias"
-            )
-        if state["layers.0.weight"].shape[-1] != embed_dim:
-            raise RewardError(
-                f"aesthetic head {head_file} expects {state['layers.0.weight'].shape[-1]}-d embeddings "
-                f"but open_clip {clip_model!r} produces {embed_dim}-d ones; the released head goes with "
-                f"clip_model='ViT-L-14'"
-            )
-        self.head = AestheticHead(embed_dim)
-        try:
-            self.head.load_state_dict(state)
-        except RuntimeError as exc:
-            raise RewardError(f"aesthetic head {head_file} does not match the MLP layout: {exc}") from exc
+        self.head = AestheticHead.from_state_dict(
+            state, self.model.visual.output_dim, head_file, f"open_clip {clip_model!r}",
+            "the released head goes with clip_model='ViT-L-14'",
+        )
         _freeze(self.head, self._model_dtype())
         self._finish_init()
 
@@ -712,24 +726,11 @@ class ClipAesthetic(_FrozenModelReward):
             raise _load_error(
                 "CLIP aesthetic head", head, "head", f"/path/to/{CLIP_AESTHETIC_HEAD_FILENAME}", exc
             ) from exc
-        if not isinstance(state, dict) or "layers.0.weight" not in state:
-            raise RewardError(
-                f"{head_file} is not an aesthetic head: expected a state dict with keys layers.0.weight ... "
-                f"layers.7.bias (the improved-aesthetic-predictor layout that save_aesthetic_head writes)"
-            )
-        embed_dim = self.model.config.projection_dim
-        head_dim = state["layers.0.weight"].shape[-1]
-        if head_dim != embed_dim:
-            raise RewardError(
-                f"aesthetic head {head_file} expects {head_dim}-d image embeddings but CLIP model {model!r} "
-                f"projects images to {embed_dim}-d ones; pass the CLIP the head was trained on, or train a "
-                f"head on this CLIP's embeddings (genalign.worlds.shapes_aesthetic.train_aesthetic_head)"
-            )
-        self.head = AestheticHead(embed_dim)
-        try:
-            self.head.load_state_dict(state)
-        except RuntimeError as exc:
-            raise RewardError(f"aesthetic head {head_file} does not match the MLP layout: {exc}") from exc
+        self.head = AestheticHead.from_state_dict(
+            state, self.model.config.projection_dim, head_file, f"CLIP model {model!r}",
+            "pass the CLIP the head was trained on, or train a head on this CLIP's embeddings "
+            "(genalign.worlds.shapes_aesthetic.train_aesthetic_head)",
+        )
         _freeze(self.head, self._model_dtype())
         self._finish_init()
 

@@ -8,7 +8,7 @@ stage      what                                                              loa
 clip       tiny CLIP (CLIP-score reward, text encoder of the T2I model)      ``ClipScore(model=world/clip)``
 judge      per-cell attribute classifier, the gold judge (no reward uses it)  ``load_judge(world/judge)``
 aesthetic  aesthetic-style MLP head on the CLIP's image embeddings            ``ClipAesthetic(world/clip, ...)``
-vae        AutoencoderKL, 32x32 <-> 4x8x8 (kept only until t2i is done)       ``AutoencoderKL.from_pretrained``
+vae        AutoencoderKL, 32x32 <-> 8x8x8 (kept only until t2i is done)       ``AutoencoderKL.from_pretrained``
 t2i        the text-to-image model as a diffusers folder                      ``DiffusionGenerator.from_pretrained``
 report     gold accuracy, CLIP score and aesthetic of the T2I model's samples  (numbers in world.json)
 =========  ================================================================  ==================================
@@ -51,8 +51,8 @@ class ShapesRecipe:
     judge_batch: int = 64
     judge_width: int = 16
     aesthetic_steps: int = 400
-    vae_steps: int = 800
-    vae_batch: int = 32
+    vae_steps: int = 1500
+    vae_batch: int = 16
     vae_width: int = 32
     unet_steps: int = 3500
     unet_batch: int = 32

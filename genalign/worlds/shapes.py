@@ -128,6 +128,18 @@ class RenderOutput:
     depth: Tensor
 
 
+def vocabularies() -> dict[str, list[str]]:
+    """The world's attribute values, saved beside trained models so that a model built for another world
+    (other class lists or orders) is refused at load time instead of mapping outputs to the wrong names."""
+    return {
+        "shape": list(SHAPES),
+        "colour": list(COLOURS),
+        "size": list(SIZES),
+        "background": list(BACKGROUNDS),
+        "position": list(POSITIONS),
+    }
+
+
 def sample_scenes(n: int, *, rng: np.random.Generator, max_shapes: int = 1) -> list[Scene]:
     """n scenes, uniform over every attribute; each has 1..max_shapes shapes at distinct grid positions.
 

@@ -67,6 +67,7 @@ from genalign.worlds.shapes import (
     Scene,
     render,
     sample_scenes,
+    vocabularies,
 )
 from genalign.worlds.shapes_clip import image_embeddings
 from rewards.clip_rewards import CLIP_AESTHETIC_HEAD_FILENAME, AestheticHead
@@ -223,7 +224,7 @@ def save_aesthetic_head(head: AestheticHead, folder: str | os.PathLike) -> Path:
     config = {
         "in_features": head.in_features,
         "rule": {"name": RULE_NAME, "version": RULE_VERSION, "weights": RULE_WEIGHTS},
-        "vocabularies": _vocabularies(),
+        "vocabularies": vocabularies(),
     }
     (folder / _CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return folder
@@ -235,7 +236,7 @@ def load_aesthetic_head(folder: str | os.PathLike) -> AestheticHead:
     config = json.loads((folder / _CONFIG_FILE).read_text())
     # A head fitted to another rule or world would score confidently and wrongly.
     rule = config["rule"]
-    if (rule["name"], rule["version"]) != (RULE_NAME, RULE_VERSION) or config["vocabularies"] != _vocabularies():
+    if (rule["name"], rule["version"]) != (RULE_NAME, RULE_VERSION) or config["vocabularies"] != vocabularies():
         raise ValueError(
             f"aesthetic head in {folder} was trained on rule {rule['name']} v{rule['version']} of a different "
             f"shapes world; this code scores {RULE_NAME} v{RULE_VERSION}: retrain it with train_aesthetic_head"
@@ -243,13 +244,3 @@ def load_aesthetic_head(folder: str | os.PathLike) -> AestheticHead:
     head = AestheticHead(config["in_features"])
     head.load_state_dict(load_file(str(folder / CLIP_AESTHETIC_HEAD_FILENAME)))
     return head.eval()
-
-
-def _vocabularies() -> dict[str, list[str]]:
-    return {
-        "shape": list(SHAPES),
-        "colour": list(COLOURS),
-        "size": list(SIZES),
-        "background": list(BACKGROUNDS),
-        "position": list(POSITIONS),
-    }

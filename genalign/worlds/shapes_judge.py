@@ -36,6 +36,7 @@ from genalign.worlds.shapes import (
     parse_caption,
     render,
     sample_scenes,
+    vocabularies,
 )
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: colour and size of an empty cell are undefined
@@ -316,13 +317,7 @@ def load_judge(folder: str | os.PathLike) -> AttributeClassifier:
 
 
 def _vocabularies() -> dict[str, list[str]]:
-    return {
-        "shape": list(CELL_SHAPES),
-        "colour": list(COLOURS),
-        "size": list(SIZES),
-        "background": list(BACKGROUNDS),
-        "position": list(POSITIONS),
-    }
+    return {**vocabularies(), "shape": list(CELL_SHAPES)}
 
 
 def scenes_from_prompts(prompts: Sequence[str]) -> list[Scene]:

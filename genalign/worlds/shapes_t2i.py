@@ -1,8 +1,10 @@
 """The shapes world's text-to-image model: a tiny latent diffusion model in Stable Diffusion's layout.
 
 Parts, all the classes a real SD 2.x checkpoint uses:
-- ``AutoencoderKL``: 32x32 RGB <-> 4x8x8 latents (three encoder blocks, 4x downsampling). Trained here on
-  rendered single-shape scenes; ``scaling_factor`` is set to 1 / std of its latents, as SD's 0.18215 was.
+- ``AutoencoderKL``: 32x32 RGB <-> 8x8x8 latents (three encoder blocks, 4x downsampling; 8 channels rather
+  than SD's 4, since a small shape spans about 2x2 latent positions that must carry its shape, colour and
+  size). Trained here on rendered single-shape scenes; ``scaling_factor`` is set to 1 / std of its latents,
+  as SD's 0.18215 was.
 - ``UNet2DConditionModel`` on the 8x8 latents with cross-attention at 8x8 and 4x4: at this size attention
   is cheap (64 tokens), and position words need attention at the resolution where positions differ.
 - the shapes CLIP's text tower (``CLIPTextModel``, frozen) and its real CLIP BPE tokenizer, so the model
@@ -37,13 +39,13 @@ from . import shapes
 from .tiny import sd_scheduler
 
 IMAGE_SIZE = 32
-LATENT_CHANNELS = 4
+LATENT_CHANNELS = 8
 CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
 
 
 def build_shapes_vae(image_size: int = IMAGE_SIZE, width: int = 32) -> AutoencoderKL:
-    """A 4x-downsampling AutoencoderKL: [B, 3, S, S] in [-1, 1] <-> [B, 4, S/4, S/4]."""
+    """A 4x-downsampling AutoencoderKL: [B, 3, S, S] in [-1, 1] <-> [B, 8, S/4, S/4]."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -58,7 +60,7 @@ def build_shapes_vae(image_size: int = IMAGE_SIZE, width: int = 32) -> Autoencod
 
 
 def build_shapes_unet(latent_size: int, cross_attention_dim: int, width: int = 64) -> UNet2DConditionModel:
-    """UNet on [B, 4, latent_size, latent_size] latents with cross-attention at both resolutions."""
+    """UNet on [B, 8, latent_size, latent_size] latents with cross-attention at both resolutions."""
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=LATENT_CHANNELS,
@@ -93,6 +95,17 @@ def _render_batch(
     return shapes.render(scenes, size=image_size).images, captions, scenes
 
 
+def foreground_weights(masks: Tensor, weight: float) -> Tensor:
+    """[B, H, W] shape labels -> [B, 1, H, W] per-pixel loss weights: ``weight`` on shapes and the pixels
+    next to them, 1 on the background.
+
+    A small shape covers about 3% of the image, so an unweighted reconstruction loss is mostly background:
+    the autoencoder then learns backgrounds and blobs long before it keeps a shape's colour and outline.
+    """
+    near_shape = F.max_pool2d((masks > 0).float()[:, None], 3, stride=1, padding=1)
+    return 1 + (weight - 1) * near_shape
+
+
 # --- autoencoder --------------------------------------------------------------------------------------------
 
 
@@ -105,10 +118,12 @@ def train_shapes_vae(
     width: int = 32,
     lr: float = 2e-3,
     kl_weight: float = 1e-6,
+    foreground_weight: float = 10.0,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[AutoencoderKL, dict[str, float]]:
-    """Train the autoencoder on freshly rendered scenes: L1 + MSE reconstruction plus a small KL term.
+    """Train the autoencoder on freshly rendered scenes: L1 + MSE reconstruction, weighted towards the shapes
+    (:func:`foreground_weights`), plus a small KL term.
 
     A tiny KL weight (SD used 1e-6) keeps the latent close to deterministic, which is what a latent
     diffusion model wants; the latent scale it ends at is then absorbed by ``scaling_factor``.
@@ -127,13 +142,15 @@ def train_shapes_vae(
         optimiser = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(steps))
         for step in range(steps):
-            images, _, _ = _render_batch(batch_size, rng, image_size, max_shapes)
-            pixels = images * 2 - 1
+            scenes = shapes.sample_scenes(batch_size, rng=rng, max_shapes=max_shapes)
+            rendered = shapes.render(scenes, size=image_size)
+            pixels = rendered.images * 2 - 1
+            weights = foreground_weights(rendered.masks, foreground_weight)
             posterior = vae.encode(pixels).latent_dist
             reconstruction = vae.decode(posterior.sample()).sample
+            error = reconstruction - pixels
             loss = (
-                F.l1_loss(reconstruction, pixels)
-                + F.mse_loss(reconstruction, pixels)
+                (weights * (error.abs() + error**2)).sum() / (weights.sum() * 3)
                 + kl_weight * posterior.kl().mean()
             )
             optimiser.zero_grad(set_to_none=True)
