@@ -61,7 +61,7 @@ class ShapesRecipe:
     # The report samples as the demo does: DDIM with eta = 1 (the stochastic policy RL trains), CFG.
     report_prompts: int = 128
     report_steps: int = 10
-    report_guidance: float = 5.0
+    report_guidance: float = 3.0
     report_eta: float = 1.0
 
 
