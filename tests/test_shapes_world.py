@@ -179,7 +179,8 @@ def test_committed_world_is_the_full_recipe_and_beats_chance():
     assert world["recipe"] == json.loads(json.dumps(RECIPES["full"].__dict__))
     report = world["stages"]["report"]
     for attribute in ("shape", "colour", "size", "position", "background"):
-        assert report[f"gold_{attribute}"] > 1.5 * report[f"chance_{attribute}"], attribute
+        accuracy, chance = report[f"gold_{attribute}"], report[f"chance_{attribute}"]
+        assert (accuracy - chance) / (1 - chance) > 0.2, attribute  # a fifth of the way from chance to perfect
     assert report["gold_all_correct"] < 0.9  # room left for fine-tuning
     # Counted as git stores files (zlib-compressed): the CLIP vocabulary's never-used rows are zeros.
     stored = sum(len(zlib.compress(p.read_bytes())) for p in COMMITTED.rglob("*") if p.is_file())
