@@ -279,7 +279,9 @@ def build_shapes_world(
 
     Args:
         stages: run only these (default: all, in order); a stage whose inputs are missing raises.
-        force: rebuild the requested stages even if done, and accept a folder built with another recipe.
+        force: rebuild the requested stages even if done, and accept a folder built with another recipe (the
+            new recipe is recorded; stages not rebuilt keep their outputs, so force only the stages whose
+            recipe fields changed).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
