@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The demo fine-tunes the committed shapes world (genalign/worlds/assets/shapes); `make worlds` rebuilds it
-# from its seeded recipe into runs/worlds/shapes (about an hour on 2 cores).
+# from its seeded recipe into runs/worlds/shapes (about an hour on 2 cores). Each `make demo` starts runs/demo afresh.
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) -m genalign.cli finetune --config configs/demo.yaml

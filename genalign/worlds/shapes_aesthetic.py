@@ -55,6 +55,7 @@ from scipy import stats
 from torch import Tensor
 from transformers import CLIPModel
 
+from genalign.worlds.schedules import warmup_cosine
 from genalign.worlds.shapes import (
     BACKGROUND_RGB,
     BACKGROUNDS,
@@ -177,13 +178,6 @@ def train_aesthetic_head(
         plus ``train_seconds``.
     """
     rng = np.random.default_rng(seed)
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
     was_training = clip_model.training
     clip_model.eval()
     start = time.perf_counter()
@@ -192,7 +186,7 @@ def train_aesthetic_head(
         head = AestheticHead(clip_model.config.projection_dim)
         head.train()
         optimiser = torch.optim.Adam(head.parameters(), lr=lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(steps))
         for step in range(steps):
             scenes = sample_scenes(batch_size, rng=rng, max_shapes=max_shapes)
             with torch.no_grad():

@@ -14,7 +14,6 @@ classifier predicts all of that at once, which handles single- and multi-shape s
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from genalign.worlds.schedules import warmup_cosine
 from genalign.worlds.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -255,19 +255,12 @@ def train_attribute_classifier(
     new clean scenes drawn with seed + 1, ``all_correct`` as its mean, plus ``train_seconds``.
     """
     rng = np.random.default_rng(seed)
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AttributeClassifier(width=width)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
         for step in range(steps):
             scenes = sample_scenes(batch_size, rng=rng, max_shapes=max_shapes)
             images = render(scenes, size=size).images

@@ -22,7 +22,6 @@ The finished model is a normal diffusers folder (``StableDiffusionPipeline.save_
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from torch import Tensor
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from . import shapes
+from .schedules import warmup_cosine
 from .tiny import sd_scheduler
 
 IMAGE_SIZE = 32
@@ -73,18 +73,6 @@ def build_shapes_unet(latent_size: int, cross_attention_dim: int, width: int = 6
         attention_head_dim=4,  # diffusers' historical name: this is the number of heads
         norm_num_groups=16,
     )
-
-
-def _schedule(steps: int, warmup_fraction: float = 0.05) -> Callable[[int], float]:
-    """Linear warm-up then cosine decay to zero, as a LambdaLR factor."""
-    warmup = max(1, int(steps * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return factor
 
 
 def _render_batch(
@@ -140,7 +128,7 @@ def train_shapes_vae(
         vae = build_shapes_vae(image_size, width)
         vae.train()
         optimiser = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(steps))
         for step in range(steps):
             scenes = shapes.sample_scenes(batch_size, rng=rng, max_shapes=max_shapes)
             rendered = shapes.render(scenes, size=image_size)
@@ -248,7 +236,7 @@ def train_shapes_unet(
         unet = build_shapes_unet(latent_size, text_encoder.config.hidden_size, width)
         unet.train()
         optimiser = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-        lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(steps))
+        lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(steps))
         for step in range(steps):
             images, captions, _ = _render_batch(batch_size, rng, image_size, max_shapes)
             captions = ["" if rng.random() < CAPTION_DROPOUT else text for text in captions]
