@@ -36,7 +36,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from . import shapes
 from .schedules import warmup_cosine
-from .tiny import sd_scheduler
+from .tiny import sd_pipeline, sd_scheduler
 
 IMAGE_SIZE = 32
 LATENT_CHANNELS = 8
@@ -225,8 +225,7 @@ def train_shapes_unet(
     """
     image_size = vae.config.sample_size
     latent_size = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
-    scheduler = sd_scheduler()
-    scheduler.register_to_config(prediction_type="v_prediction")
+    scheduler = sd_scheduler("v_prediction")
     alphas_cumprod = scheduler.alphas_cumprod
     rng = np.random.default_rng(seed)
     losses: list[float] = []
@@ -266,18 +265,7 @@ def assemble_pipeline(
     vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
 ) -> StableDiffusionPipeline:
     """The parts as a diffusers ``StableDiffusionPipeline`` (DDIM, SD schedule, v-prediction)."""
-    scheduler = sd_scheduler()
-    scheduler.register_to_config(prediction_type="v_prediction")
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd_pipeline(vae, text_encoder, tokenizer, unet, sd_scheduler("v_prediction"))
 
 
 def save_shapes_t2i(pipe: StableDiffusionPipeline, folder: str | Path) -> Path:

@@ -77,7 +77,7 @@ def _text_config(tokenizer: CLIPTokenizer, hidden: int, seed_offset: int = 0) ->
     )
 
 
-def sd_scheduler() -> DDIMScheduler:
+def sd_scheduler(prediction_type: Literal["epsilon", "v_prediction"] = "epsilon") -> DDIMScheduler:
     """DDIM with Stable Diffusion's noise schedule and step spacing."""
     return DDIMScheduler(
         num_train_timesteps=1000,
@@ -87,6 +87,27 @@ def sd_scheduler() -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def sd_pipeline(
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+) -> StableDiffusionPipeline:
+    """SD 1.x/2.x parts as a diffusers pipeline, without a safety checker (none can be loaded offline)."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -118,8 +139,7 @@ def build_tiny_text_to_image(
         sample_size=image_size,
     )
     _calibrate_decoder(vae, latent_size)
-    scheduler = sd_scheduler()
-    scheduler.register_to_config(prediction_type=prediction_type)
+    scheduler = sd_scheduler(prediction_type)
     tokenizer = character_clip_tokenizer()
     unet_kwargs = dict(
         sample_size=latent_size,
@@ -136,16 +156,7 @@ def build_tiny_text_to_image(
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden))
         unet = UNet2DConditionModel(cross_attention_dim=hidden, **unet_kwargs)
         _calibrate_unet(unet, latent_size, hidden)
-        return StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        return sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     if layout == "sdxl":
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden))
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden))
