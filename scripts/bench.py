@@ -1,13 +1,15 @@
 """Engine benchmarks, each reported as a ratio against a baseline measured in the same run.
 
     python scripts/bench.py                 # all benchmarks, markdown table on stdout
-    python scripts/bench.py --only memory   # one of: sampling, ddpo, memory, attention
+    python scripts/bench.py --only memory   # one of: sampling, ddpo, prdp, memory, attention, shapes
     python scripts/bench.py --out docs/bench.json
 
 Benchmarks:
 - sampling: our sampler with per-step log-probs vs diffusers' StableDiffusionPipeline, same model/seeds/η.
 - ddpo: one DDPO update (PPO-clip loss through `step_log_prob`) vs a bare denoiser forward+backward on the
   same batch — the price of the policy-gradient bookkeeping.
+- prdp: one PRDP update (the RDP-loss coefficients, then Σ G·∇log π over every step) vs one DDPO update over every
+  step, same batch; once as an epoch's first update and once as a later one (which adds a no-grad values pass).
 - memory: DRaFT-K peak memory for K = 1, 2, 5, 10 with and without checkpointing of the tracked denoiser
   calls (CUDA: torch.cuda.max_memory_allocated; CPU: peak resident memory of a fresh subprocess per setting, polled every
   millisecond, minus the resident memory after loading the model, with glibc's mmap threshold fixed so that RSS follows live memory).
@@ -165,6 +167,56 @@ def bench_ddpo(args) -> dict:
     }
 
 
+def bench_prdp(args) -> list[dict]:
+    """PRDP's update vs DDPO's on the same batch, both over every sampling step (DDPO's timestep_fraction 1)."""
+    from pipelines.ddpo import ddpo_loss
+    from pipelines.prdp import PRDPConfig, loss_coefficients
+
+    pipe = bench_pipe(args.image_size).to(args.device)
+    gen = DiffusionGenerator.from_pipeline(pipe)
+    gen.denoiser.requires_grad_(True)
+    prompts = PROMPTS * (args.batch // len(PROMPTS))
+    options = SamplingOptions(num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0)
+    traj = gen.sample(prompts, options, seeds=list(range(len(prompts)))).trajectory
+    steps = [int(s) for s in torch.nonzero(traj.schedule.stochastic).flatten()]
+    rewards = torch.randn(len(prompts), device=gen.device)
+    groups = torch.arange(len(prompts), device=gen.device) // 4
+    config = PRDPConfig(beta=1e-3, clip_range=1e-4)
+    adv = torch.randn(len(prompts), device=gen.device)
+
+    def log_prob(step):
+        return gen.step_log_prob(traj, torch.full((len(prompts),), step))
+
+    def ddpo():
+        for step in steps:
+            loss, _ = ddpo_loss(log_prob(step), traj.log_probs[:, step].to(gen.device), adv, 1e-4)
+            loss.backward()
+        gen.denoiser.zero_grad(set_to_none=True)
+
+    def prdp(values_pass: bool):
+        ratios = torch.zeros(len(prompts), len(steps), device=gen.device)
+        if values_pass:
+            with torch.no_grad():
+                ratios = torch.stack([log_prob(step) for step in steps], dim=1) - ratios
+        _, coefficients, _ = loss_coefficients(ratios, rewards, groups, config)
+        for j, step in enumerate(steps):
+            (coefficients[:, j].float() * log_prob(step)).sum().backward()
+        gen.denoiser.zero_grad(set_to_none=True)
+
+    rows = []
+    for values_pass, name in ((False, "first update of an epoch (θ = θ_old, as every update when K = 1)"),
+                              (True, "later update (K > 1: no-grad values pass first)")):
+        base, mine = paired(ddpo, lambda: prdp(values_pass), args.repeats)
+        rows.append({
+            "benchmark": f"PRDP {name}, {len(prompts)} samples × {len(steps)} steps, CFG",
+            "baseline": "DDPO update (PPO-clip, all steps), same batch",
+            "baseline_s": base,
+            "ours_s": mine,
+            "ratio": mine / base,
+        })
+    return rows
+
+
 def _memory_child(k: int, checkpoint: bool, image_size: int, batch: int, steps: int, device: str) -> None:
     """Runs in a fresh process: one DRaFT-K forward+backward; prints peak memory above the loaded model."""
     from rewards import build_reward
@@ -289,7 +341,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["sampling", "ddpo", "memory", "attention", "shapes"])
+    parser.add_argument("--only", choices=["sampling", "ddpo", "prdp", "memory", "attention", "shapes"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -303,7 +355,7 @@ def main() -> None:
                       args.steps, args.device)
         return
     torch.manual_seed(0)
-    benches = {"sampling": bench_sampling, "ddpo": bench_ddpo, "memory": bench_memory, "attention": bench_attention,
+    benches = {"sampling": bench_sampling, "ddpo": bench_ddpo, "prdp": bench_prdp, "memory": bench_memory, "attention": bench_attention,
                "shapes": bench_shapes}
     rows = []
     for name, fn in benches.items():
