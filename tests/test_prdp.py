@@ -122,6 +122,16 @@ def test_coefficients_are_the_loss_gradient_and_clipped_steps_get_none():
         assert float(grad[i, t]) == pytest.approx(numeric, rel=1e-4, abs=1e-6)
 
 
+def test_first_update_is_reinforce_with_a_group_mean_baseline():
+    """At θ = θ_old (every update when K = 1): ∂L/∂r̂_k = −2 (r_k − mean of k's group) / (β N B) at every step."""
+    beta, n_groups, group_size = 0.3, 2, 3
+    config = PRDPConfig(beta=beta, clip_range=1e-4)
+    _, grad, _ = loss_coefficients(torch.zeros(6, 4, dtype=torch.float64), REWARDS, GROUPS, config)
+    group_mean = REWARDS.view(n_groups, group_size).mean(dim=1).repeat_interleave(group_size)
+    expected = -2 * (REWARDS - group_mean) / (beta * n_groups * group_size)
+    assert torch.allclose(grad, expected[:, None].expand(6, 4), rtol=1e-12)
+
+
 def test_zero_log_ratios_give_zero_implied_reward_and_zero_kl():
     config = PRDPConfig(beta=0.1)
     diagnostics = implied_reward_diagnostics(torch.zeros(4, 3), REWARDS[:4], GROUPS[:4] * 0, config)

@@ -198,7 +198,7 @@ def test_demo_config_runs_on_a_world_and_the_gallery_shows_gold_verdicts(tiny_wo
         f"eval.gold.kwargs.judge={tiny_world / 'judge'}",
         f"trainer.output_dir={tmp_path / 'run'}",
         "trainer.progress=false", "epochs=1", "eval.every=1", "sampling.num_inference_steps=2",
-        "batch_size=4", "train_batch_size=2", "grad_steps=1",
+        "prompts_per_epoch=2", "samples_per_prompt=2", "train_batch_size=2", "probe_prompts=1",
     ]
     eval_prompts = tmp_path / "eval.txt"
     eval_prompts.write_text("\n".join(shapes_prompts(3, seed=9)) + "\n")

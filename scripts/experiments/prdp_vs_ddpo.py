@@ -44,7 +44,14 @@ _DDPO = {
 
 
 def run_command(
-    setting: str, method: str, seed: int, epochs: int, eval_every: int, out: Path, extra: list[str] = ()
+    setting: str,
+    method: str,
+    seed: int,
+    epochs: int,
+    eval_every: int,
+    out: Path,
+    extra: list[str] = (),
+    ddpo_updates: int = 1,
 ) -> list[str]:
     """The `genalign finetune` command line of one run."""
     config = {
@@ -64,7 +71,8 @@ def run_command(
         *_EVAL[setting],
     ]
     if method == "ddpo":
-        overrides += ["timestep_fraction=1.0", "train_batch_size=32", *_DDPO[setting]]
+        overrides += ["timestep_fraction=1.0", "train_batch_size=32", f"updates_per_epoch={ddpo_updates}",
+                      *_DDPO[setting]]
     overrides += list(extra)
     return [sys.executable, "-m", "genalign.cli", "finetune", "--config", config, *overrides]
 
@@ -85,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         (setting, method, seed)
         for seed in args.seeds
         for setting in args.settings
-        for method in METHODS
+        for method in args.methods
         if not finished(run_dir(out, setting, method, seed), epochs[setting])
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
@@ -99,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             path = run_dir(out, *key)
             path.mkdir(parents=True, exist_ok=True)
             log = open(path / "run.log", "a")
-            command = run_command(*key, epochs[key[0]], args.eval_every, path, args.set)
+            command = run_command(*key, epochs[key[0]], args.eval_every, path, args.set, args.ddpo_updates)
             running.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), key, log))
             print(f"[{time.time() - start:6.0f}s] start {key}", flush=True)
         time.sleep(2)
@@ -249,11 +257,14 @@ def main(argv=None) -> int:
         p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
         p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     run = sub.choices["run"]
+    run.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     run.add_argument("--epochs-small", type=int, default=30)
     run.add_argument("--epochs-large", type=int, default=60)
     run.add_argument("--eval-every", type=int, default=10)
     run.add_argument("--jobs", type=int, default=1, help="runs at a time")
     run.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
+    run.add_argument("--ddpo-updates", type=int, default=1,
+                     help="DDPO's PPO updates per epoch (1: the same update count as PRDP's K = 1; 2: DDPO's own setting)")
     run.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run (smoke tests)")
     run.add_argument("--deadline", type=float, default=0, help="stop everything after this many seconds (0: never)")
     sub.choices["report"].add_argument("--plots", default=None, help="folder for the plots and JSON summary")
