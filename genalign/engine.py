@@ -14,9 +14,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from genalign.config import ConfigError
+from genalign.config import ConfigError, save_yaml, to_dict
 from genalign.generators.diffusion import DiffusionGenerator, Rollout, SamplingOptions
-from genalign.trainer import TrainerConfig
+from genalign.trainer import Trainer, TrainerConfig
 
 
 @dataclass
@@ -191,6 +191,15 @@ class EpochPlan:
         return np.random.default_rng([int(self.seeds[global_index]), sum(map(ord, name))])
 
 
+def gather_in_order(trainer: Trainer, values: torch.Tensor, plan: EpochPlan) -> torch.Tensor:
+    """Every process's rows of `values` (one per local sample of `plan`), gathered in global sample order."""
+    gathered = trainer.gather(values)
+    index = trainer.gather(torch.as_tensor(plan.local, device=gathered.device))
+    ordered = torch.empty_like(gathered)
+    ordered[index] = gathered
+    return ordered
+
+
 def total_reward(values: torch.Tensor) -> torch.Tensor:
     """[B] or [B, K] rewards → [B]: the objectives' sum (weights belong in the reward's own composition)."""
     return values if values.ndim == 1 else values.sum(dim=1)
@@ -283,6 +292,40 @@ class DiffusionPipeline:
         self.generator = generator or build_generator(config.model)
         self.reward = reward or build_reward(config.reward)
         self.gold = build_gold(config.eval.gold)
+
+    def start_training(self, *, accumulation_steps: int, total_updates: int) -> tuple[Trainer, int, dict[str, Any]]:
+        """The run's `Trainer`, with the config saved in the run folder and a checkpoint restored if
+        `trainer.resume` asks for one; a fresh run first logs the base model's held-out evaluation (step −1).
+
+        Returns:
+            (trainer, first epoch to run, the pipeline state saved with the restored checkpoint or {}).
+        """
+        c = self.config
+        trainer = Trainer(
+            self.generator,
+            c.trainer,
+            accumulation_steps=accumulation_steps,
+            total_updates=total_updates,
+            run_config=to_dict(c),
+        )
+        if trainer.is_main:
+            save_yaml(c, trainer.run_dir / "config.yaml")
+        start, state = trainer.resume_if_requested()
+        if start == 0:
+            trainer.log(self.evaluate(trainer), step=-1)
+        return trainer, start, state
+
+    def epoch_plan(self, trainer: Trainer, epoch: int, prompts_per_epoch: int, samples_per_prompt: int) -> EpochPlan:
+        """This epoch's samples (prompts, seeds, and which process holds which) for the run's seed."""
+        return EpochPlan.make(
+            seed=self.config.trainer.seed,
+            epoch=epoch,
+            num_prompts=len(self.prompts),
+            prompts_per_epoch=prompts_per_epoch,
+            samples_per_prompt=samples_per_prompt,
+            num_processes=trainer.num_processes,
+            process_index=trainer.process_index,
+        )
 
     def sample(self, prompts: list[str], seeds: list[int] | None = None) -> Rollout:
         """Images from the current model with the run's sampler settings (images [B, 3, H, W] in [0, 1])."""

@@ -14,8 +14,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from genalign.config import ConfigError, save_yaml, to_dict
-from genalign.engine import DiffusionPipeline, DiffusionPipelineConfig, EpochPlan, reward_metrics, total_reward
+from genalign.config import ConfigError
+from genalign.engine import DiffusionPipeline, DiffusionPipelineConfig, gather_in_order, reward_metrics, total_reward
 from genalign.generators.diffusion import DiffusionGenerator, Trajectory
 from genalign.stats import PerPromptStatTracker
 from genalign.sampling import StepSchedule
@@ -117,35 +117,18 @@ class DDPOPipeline(DiffusionPipeline):
         c = self.config
         schedule, n_train_steps = self._schedule_and_train_steps()
         per_update, micro_batches = self._local_layout(launched_processes())
-        trainer = Trainer(
-            self.generator,
-            c.trainer,
+        trainer, start, state = self.start_training(
             accumulation_steps=micro_batches * n_train_steps,
             total_updates=c.epochs * c.updates_per_epoch * c.inner_epochs,
-            run_config=to_dict(c),
         )
-        if trainer.is_main:
-            save_yaml(c, trainer.run_dir / "config.yaml")
-        start, state = trainer.resume_if_requested()
         if "stats" in state:
             self.tracker.load_state_dict(state["stats"])
         options = c.sampling.options()
         stochastic_steps = np.flatnonzero(schedule.stochastic.numpy())
         last: dict[str, float] = {}
-        if start == 0:
-            trainer.log(self.evaluate(trainer), step=-1)
-
         for epoch in trainer.epochs(start, c.epochs):
             tic = time.time()
-            plan = EpochPlan.make(
-                seed=c.trainer.seed,
-                epoch=epoch,
-                num_prompts=len(self.prompts),
-                prompts_per_epoch=c.prompts_per_epoch,
-                samples_per_prompt=c.samples_per_prompt,
-                num_processes=trainer.num_processes,
-                process_index=trainer.process_index,
-            )
+            plan = self.epoch_plan(trainer, epoch, c.prompts_per_epoch, c.samples_per_prompt)
             # 1. Sample this process's share with per-sample seeds.
             local_prompts = [self.prompts[plan.prompt_index[i]] for i in plan.local]
             # Under the same autocast as training, so that recorded and re-evaluated log-probs agree.
@@ -155,10 +138,7 @@ class DDPOPipeline(DiffusionPipeline):
                 )
             # 2. Score, gather in global order, and normalise per prompt on every process alike.
             scores = self.reward(rollout.images, rollout.prompts).rewards.float()
-            all_scores = trainer.gather(scores)
-            all_index = trainer.gather(torch.as_tensor(plan.local, device=trainer.device))
-            global_scores = torch.empty_like(all_scores)
-            global_scores[all_index] = all_scores
+            global_scores = gather_in_order(trainer, scores, plan)
             global_prompts = [self.prompts[i] for i in plan.prompt_index]
             advantages, flat_fraction = self.tracker.update(global_prompts, total_reward(global_scores).cpu().numpy())
             advantages = np.clip(advantages, -c.adv_clip_max, c.adv_clip_max)

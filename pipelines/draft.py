@@ -14,18 +14,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-from genalign.config import ConfigError, save_yaml, to_dict
+from genalign.config import ConfigError
 from genalign.engine import (
     DiffusionPipeline,
     DiffusionPipelineConfig,
-    EpochPlan,
     RewardConfig,
     SamplingConfig,
     reward_metrics,
     total_reward,
 )
 from genalign.generators.diffusion import DiffusionGenerator
-from genalign.trainer import Trainer, launched_processes
+from genalign.trainer import launched_processes
 
 
 def _default_reward() -> RewardConfig:
@@ -83,27 +82,12 @@ class DRaFTPipeline(DiffusionPipeline):
                 f"train_batch_size ({c.train_batch_size})"
             )
         micro_batches = c.batch_size // world // c.train_batch_size
-        trainer = Trainer(
-            self.generator, c.trainer, accumulation_steps=micro_batches, total_updates=c.epochs, run_config=to_dict(c)
-        )
-        if trainer.is_main:
-            save_yaml(c, trainer.run_dir / "config.yaml")
-        start, _ = trainer.resume_if_requested()
+        trainer, start, _ = self.start_training(accumulation_steps=micro_batches, total_updates=c.epochs)
         options = c.sampling.options()
-        if start == 0:
-            trainer.log(self.evaluate(trainer), step=-1)
         last: dict[str, float] = {}
         for epoch in trainer.epochs(start, c.epochs):
             tic = time.time()
-            plan = EpochPlan.make(
-                seed=c.trainer.seed,
-                epoch=epoch,
-                num_prompts=len(self.prompts),
-                prompts_per_epoch=c.batch_size,
-                samples_per_prompt=1,
-                num_processes=trainer.num_processes,
-                process_index=trainer.process_index,
-            )
+            plan = self.epoch_plan(trainer, epoch, c.batch_size, samples_per_prompt=1)
             k = truncation_steps(c, c.trainer.seed, epoch)
             rewards = []
             for start_pos in range(0, len(plan.local), c.train_batch_size):

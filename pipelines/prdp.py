@@ -22,8 +22,15 @@ from typing import Literal
 import numpy as np
 import torch
 
-from genalign.config import ConfigError, save_yaml, to_dict
-from genalign.engine import DiffusionPipeline, DiffusionPipelineConfig, EpochPlan, reward_metrics, total_reward
+from genalign.config import ConfigError
+from genalign.engine import (
+    DiffusionPipeline,
+    DiffusionPipelineConfig,
+    EpochPlan,
+    gather_in_order,
+    reward_metrics,
+    total_reward,
+)
 from genalign.generators.diffusion import DiffusionGenerator, Trajectory
 from genalign.sampling import StepSchedule
 from genalign.trainer import Trainer, launched_processes
@@ -185,31 +192,14 @@ class PRDPPipeline(DiffusionPipeline):
         steps = self._stochastic_steps()
         local_samples = self._local_samples(launched_processes())
         micro_batches = local_samples // c.train_batch_size
-        trainer = Trainer(
-            self.generator,
-            c.trainer,
-            accumulation_steps=micro_batches * len(steps),
-            total_updates=c.epochs * c.updates_per_epoch,
-            run_config=to_dict(c),
+        trainer, start, _ = self.start_training(
+            accumulation_steps=micro_batches * len(steps), total_updates=c.epochs * c.updates_per_epoch
         )
-        if trainer.is_main:
-            save_yaml(c, trainer.run_dir / "config.yaml")
-        start, _ = trainer.resume_if_requested()
         options = c.sampling.options()
-        if start == 0:
-            trainer.log(self.evaluate(trainer), step=-1)
         last: dict[str, float] = {}
         for epoch in trainer.epochs(start, c.epochs):
             tic = time.time()
-            plan = EpochPlan.make(
-                seed=c.trainer.seed,
-                epoch=epoch,
-                num_prompts=len(self.prompts),
-                prompts_per_epoch=c.prompts_per_epoch,
-                samples_per_prompt=c.samples_per_prompt,
-                num_processes=trainer.num_processes,
-                process_index=trainer.process_index,
-            )
+            plan = self.epoch_plan(trainer, epoch, c.prompts_per_epoch, c.samples_per_prompt)
             # 1. θ_old samples this process's share; the same autocast as the updates keeps log-probs comparable.
             with trainer.autocast():
                 rollout = self.generator.sample(
@@ -221,11 +211,7 @@ class PRDPPipeline(DiffusionPipeline):
             trajectory = rollout.trajectory
             # 2. Score; every process needs every reward, in global order, for the pairs.
             scores = self.reward(rollout.images, rollout.prompts).rewards.float()
-            local_index = torch.as_tensor(plan.local, device=trainer.device)
-            global_index = trainer.gather(local_index)
-            all_scores = trainer.gather(scores)
-            global_scores = torch.empty_like(all_scores)
-            global_scores[global_index] = all_scores
+            global_scores = gather_in_order(trainer, scores, plan)
             rewards = total_reward(global_scores)
             # Samples are drawn group after group: global sample g belongs to prompt group g // B.
             groups = torch.arange(len(rewards), device=trainer.device) // c.samples_per_prompt
@@ -241,10 +227,10 @@ class PRDPPipeline(DiffusionPipeline):
                     local_ratios = torch.zeros(local_samples, len(steps), device=trainer.device)
                 else:
                     local_ratios = self._step_log_probs(trainer, trajectory, steps) - reference
-                ratios = torch.empty(len(rewards), len(steps), device=trainer.device)
-                ratios[global_index] = trainer.gather(local_ratios)
+                ratios = gather_in_order(trainer, local_ratios, plan)
                 loss, coefficients, stats = loss_coefficients(ratios, rewards, groups, c)
-                recorded = self._backward(trainer, trajectory, steps, coefficients[local_index].float())
+                local_coefficients = coefficients[torch.as_tensor(plan.local, device=coefficients.device)]
+                recorded = self._backward(trainer, trajectory, steps, local_coefficients.float())
                 if reference is None:
                     reference = recorded
                 update_stats.append({"rdp_loss": float(loss), **{key: float(v) for key, v in stats.items()}})
