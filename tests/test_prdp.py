@@ -222,6 +222,15 @@ def test_run_logs_learning_signals_and_kl(tiny_sd_dir, tmp_path):
     assert get_pipeline("prdp") is PRDPPipeline
 
 
+def test_ddpm_scheduler_trains_every_stochastic_step(tiny_sd_dir, tmp_path):
+    config = tiny_config(tiny_sd_dir, tmp_path / "run", epochs=1, **{"model.scheduler": "ddpm"})
+    pipeline = PRDPPipeline(config, reward=CountingReward())
+    # DDPM's last step adds no noise (σ ≈ 0): it has no density and is left out.
+    assert pipeline._stochastic_steps().tolist() == [0, 1]
+    pipeline.train()
+    assert _log(tmp_path / "run")[-1]["kl_epoch_start"] > 0
+
+
 def test_full_fine_tuning_moves_every_denoiser_weight_group(tiny_sd_dir, tmp_path):
     config = tiny_config(tiny_sd_dir, tmp_path / "run", epochs=1, **{"trainer.lora.enabled": False})
     pipeline = PRDPPipeline(config, reward=CountingReward())
