@@ -315,7 +315,6 @@ class PRDPPipeline(DiffusionPipeline):
         # Each process probes however many of its samples fall in those groups: gather all rows and a mask.
         selected = torch.zeros(len(reference), dtype=torch.bool, device=reference.device)
         selected[mine] = True
-        index = trainer.gather(torch.as_tensor(plan.local, device=trainer.device))
-        keep = trainer.gather(selected)
-        ratios, index = trainer.gather(ratios)[keep], index[keep]
-        return implied_reward_diagnostics(ratios, rewards[index], groups[index], self.config)
+        keep = gather_in_order(trainer, selected, plan)
+        ratios = gather_in_order(trainer, ratios, plan)[keep]
+        return implied_reward_diagnostics(ratios, rewards[keep], groups[keep], self.config)

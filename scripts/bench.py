@@ -130,15 +130,19 @@ def bench_shapes(args) -> dict:
     }
 
 
-def bench_ddpo(args) -> dict:
-    from pipelines.ddpo import ddpo_loss
-
-    pipe = bench_pipe(args.image_size).to(args.device)
-    gen = DiffusionGenerator.from_pipeline(pipe)
+def trainable_rollout(args):
+    """The tiny model with every denoiser weight trainable, and a recorded batch of trajectories (CFG, η = 1)."""
+    gen = DiffusionGenerator.from_pipeline(bench_pipe(args.image_size).to(args.device))
     gen.denoiser.requires_grad_(True)
     prompts = PROMPTS * (args.batch // len(PROMPTS))
     options = SamplingOptions(num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0)
-    traj = gen.sample(prompts, options, seeds=list(range(len(prompts)))).trajectory
+    return gen, prompts, gen.sample(prompts, options, seeds=list(range(len(prompts)))).trajectory
+
+
+def bench_ddpo(args) -> dict:
+    from pipelines.ddpo import ddpo_loss
+
+    gen, prompts, traj = trainable_rollout(args)
     step = torch.full((len(prompts),), args.steps // 2)
     adv = torch.randn(len(prompts))
 
@@ -172,12 +176,7 @@ def bench_prdp(args) -> list[dict]:
     from pipelines.ddpo import ddpo_loss
     from pipelines.prdp import PRDPConfig, loss_coefficients
 
-    pipe = bench_pipe(args.image_size).to(args.device)
-    gen = DiffusionGenerator.from_pipeline(pipe)
-    gen.denoiser.requires_grad_(True)
-    prompts = PROMPTS * (args.batch // len(PROMPTS))
-    options = SamplingOptions(num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0)
-    traj = gen.sample(prompts, options, seeds=list(range(len(prompts)))).trajectory
+    gen, prompts, traj = trainable_rollout(args)
     steps = [int(s) for s in torch.nonzero(traj.schedule.stochastic).flatten()]
     rewards = torch.randn(len(prompts), device=gen.device)
     groups = torch.arange(len(prompts), device=gen.device) // 4
