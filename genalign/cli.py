@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -30,8 +31,11 @@ def load_run_config(run_dir: str | Path):
     return build_config(cls.config_class, data)
 
 
-def load_run_generator(run_dir: str | Path, checkpoint: str = "latest", trained: bool = True):
-    """(generator with the run's trained weights — or the base model if not `trained` —, run config)."""
+def load_run_generator(run_dir: str | Path, checkpoint: str = "latest", trained: bool = True, use_ema: bool = True):
+    """(generator with the run's trained weights — or the base model if not `trained` —, run config).
+
+    A run trained with EMA gives its EMA weights, as its own evaluations used; `use_ema=False` gives the raw
+    trained weights."""
     from genalign.engine import build_generator
     from genalign.trainer import load_trained_weights, resolve_checkpoint
 
@@ -41,7 +45,7 @@ def load_run_generator(run_dir: str | Path, checkpoint: str = "latest", trained:
         path = resolve_checkpoint(checkpoint, Path(run_dir))
         if path is None:
             raise ConfigError(f"run '{run_dir}' has no checkpoint yet; train longer or pass --base")
-        load_trained_weights(generator.denoiser, config.trainer, path)
+        load_trained_weights(generator.denoiser, config.trainer, path, use_ema=use_ema)
     return generator, config
 
 
@@ -73,7 +77,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from genalign.gallery import to_pil
 
     prompts = read_prompt_file(args.prompts)
-    generator, config = load_run_generator(args.run, args.checkpoint, trained=not args.base)
+    generator, config = load_run_generator(args.run, args.checkpoint, trained=not args.base,
+                                           use_ema=not args.raw_weights)
     generator.to(_device())
     reward = build_reward(config.reward)
     out = Path(args.out)
@@ -108,7 +113,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
     run = Path(args.run)
     base, config = load_run_generator(run, trained=False)
-    tuned, _ = load_run_generator(run, args.checkpoint, trained=True)
+    tuned, _ = load_run_generator(run, args.checkpoint, trained=True, use_ema=not args.raw_weights)
     prompts = read_prompt_file(args.prompts) if args.prompts else load_prompts(config.prompts)[1]
     prompts = prompts[: args.max_prompts]
     reward = build_reward(config.reward)
@@ -185,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint folder")
     sample.add_argument("--base", action="store_true", help="sample the base model instead")
+    sample.add_argument("--raw-weights", action="store_true",
+                        help="with a run trained with EMA: the raw trained weights instead of the EMA ones")
     sample.set_defaults(func=cmd_sample)
 
     gallery = sub.add_parser("gallery", help="write an HTML page of before/after samples and reward curves")
@@ -195,17 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--seed", type=int, default=0)
     gallery.add_argument("--checkpoint", default="latest")
     gallery.add_argument("--out", help="output folder (default: RUN/gallery)")
+    gallery.add_argument("--raw-weights", action="store_true",
+                         help="with a run trained with EMA: the raw trained weights instead of the EMA ones")
     gallery.set_defaults(func=cmd_gallery)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from genalign.trainer import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, OSError, ValueError) as error:
-        # One clear line instead of a traceback for problems the user can fix.
-        print(f"genalign {args.command}: error: {error}", file=sys.stderr)
+    except (ConfigError, OSError, ValueError, CheckpointError, FloatingPointError) as error:
+        # One clear line instead of a traceback for problems the user can fix. Under a multi-process launch,
+        # an error every process raises alike (a config error, or one the engine made them agree on) is
+        # printed by the first process only.
+        raised_everywhere = isinstance(error, ConfigError) or getattr(error, "raised_on_every_process", False)
+        if int(os.environ.get("RANK", "0")) == 0 or not raised_everywhere:
+            print(f"genalign {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -25,12 +25,16 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 
 __all__ = [
+    "AtLeast",
     "ConfigError",
+    "PositiveInt",
+    "NonNegativeInt",
+    "PositiveFloat",
     "build_config",
     "config_keys",
     "from_dict",
@@ -48,6 +52,29 @@ _NONE_TYPE = type(None)
 
 class ConfigError(ValueError):
     """A configuration value, key or file is invalid; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AtLeast:
+    """A lower bound on a numeric config value, checked when the config is built, so that e.g. a zero
+    step count fails at start-up with the key's name instead of as a ZeroDivisionError mid-run.
+
+    Use it through ``Annotated``: ``every: Annotated[int, AtLeast(1)] = 5``; ``strict`` excludes the bound.
+    """
+
+    bound: float
+    strict: bool = False
+
+    def check(self, value: float, key: str) -> None:
+        ok = value > self.bound if self.strict else value >= self.bound
+        if not ok:
+            relation = ">" if self.strict else "≥"
+            raise ConfigError(f"config key '{key}' must be {relation} {self.bound:g}, got {value!r}; set {key}=<value>")
+
+
+PositiveInt = Annotated[int, AtLeast(1)]
+NonNegativeInt = Annotated[int, AtLeast(0)]
+PositiveFloat = Annotated[float, AtLeast(0, strict=True)]
 
 
 # --------------------------------------------------------------------------- #
@@ -228,7 +255,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
             f"got {_show(data)}; write it as 'key: value' entries"
         )
 
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
@@ -293,6 +320,13 @@ def _section_type(annotation: Any) -> type | None:
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Convert ``value`` to the type described by ``annotation`` or raise ConfigError."""
     if annotation is Any:
+        return value
+    if typing.get_origin(annotation) is Annotated:
+        base, *constraints = typing.get_args(annotation)
+        value = _coerce(value, base, key)
+        for constraint in constraints:
+            if isinstance(constraint, AtLeast) and value is not None:
+                constraint.check(value, key)
         return value
     if _is_union(annotation):
         return _coerce_union(value, annotation, key)
@@ -459,6 +493,8 @@ def _unknown_key_message(key: str, path: str, valid: list[str]) -> str:
 
 def _describe(annotation: Any) -> str:
     """A short human-readable name for a type annotation."""
+    if typing.get_origin(annotation) is Annotated:
+        return _describe(typing.get_args(annotation)[0])
     if _is_dataclass_type(annotation):
         return f"a mapping of {annotation.__name__} settings"
     if isinstance(annotation, type) and not typing.get_args(annotation):

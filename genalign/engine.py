@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import numpy as np
 import torch
 
-from genalign.config import ConfigError, save_yaml, to_dict
-from genalign.generators.diffusion import DiffusionGenerator, Rollout, SamplingOptions
+from genalign.config import ConfigError, PositiveInt, to_dict
+from genalign.generators.diffusion import DiffusionGenerator, Rollout, SamplingOptions, Trajectory
 from genalign.trainer import Trainer, TrainerConfig
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -51,13 +53,13 @@ class RewardConfig:
 class SamplingConfig:
     """Sampler settings; `log_prob_reduction` is "sum" (the true density) or "mean" over latent elements."""
 
-    num_inference_steps: int = 10
+    num_inference_steps: PositiveInt = 10
     guidance_scale: float = 5.0
     eta: float = 1.0
     log_prob_reduction: Literal["sum", "mean"] = "sum"
-    height: int | None = None
-    width: int | None = None
-    batch_size: int = 16
+    height: PositiveInt | None = None
+    width: PositiveInt | None = None
+    batch_size: PositiveInt = 16
 
     def options(self) -> SamplingOptions:
         return SamplingOptions(
@@ -84,8 +86,8 @@ class EvalConfig:
     """Held-out evaluation: every `every` epochs, `samples_per_prompt` fixed-seed samples per eval prompt,
     scored by the training reward and, when `gold.name` is set, by the gold evaluator."""
 
-    every: int = 5
-    samples_per_prompt: int = 2
+    every: PositiveInt = 5
+    samples_per_prompt: PositiveInt = 2
     seed: int = 10_000
     gold: GoldConfig = field(default_factory=GoldConfig)
 
@@ -186,18 +188,72 @@ class EpochPlan:
         order = rng.permutation(n)
         return cls(prompt_index, seeds, order, order[process_index::num_processes])
 
-    def stream(self, name: str, global_index: int) -> np.random.Generator:
-        """A random stream private to one global sample (e.g. its training timesteps)."""
-        return np.random.default_rng([int(self.seeds[global_index]), sum(map(ord, name))])
+    def stream(self, name: str, global_index: int, *key: int) -> np.random.Generator:
+        """A random stream private to one global sample (e.g. its training timesteps in inner epoch `key`)."""
+        return np.random.default_rng([int(self.seeds[global_index]), sum(map(ord, name)), *map(int, key)])
+
+
+def gather_rows(trainer: Trainer, values: torch.Tensor, global_index, total: int) -> torch.Tensor:
+    """Every process's rows of `values` placed at their global indices: [total, ...] on every process.
+
+    Args:
+        values: [n_local, ...] rows of this process; processes may hold different numbers of rows (even 0).
+        global_index: [n_local] the global index of each row; together the processes cover 0 … total−1.
+    """
+    index = torch.as_tensor(np.asarray(global_index), dtype=torch.long, device=values.device)
+    if trainer.num_processes == 1:
+        ordered = values.new_empty((total, *values.shape[1:]))
+        ordered[index] = values
+        return ordered
+    # accelerate's gather needs equal shapes: pad every shard to the longest, marking padding with index −1.
+    counts = trainer.gather(torch.tensor([len(values)], device=values.device))
+    width = int(counts.max())
+    padded = values.new_zeros((width, *values.shape[1:]))
+    padded[: len(values)] = values
+    padded_index = torch.full((width,), -1, dtype=torch.long, device=values.device)
+    padded_index[: len(values)] = index
+    gathered, gathered_index = trainer.gather(padded), trainer.gather(padded_index)
+    keep = gathered_index >= 0
+    ordered = values.new_empty((total, *values.shape[1:]))
+    ordered[gathered_index[keep]] = gathered[keep]
+    return ordered
 
 
 def gather_in_order(trainer: Trainer, values: torch.Tensor, plan: EpochPlan) -> torch.Tensor:
     """Every process's rows of `values` (one per local sample of `plan`), gathered in global sample order."""
-    gathered = trainer.gather(values)
-    index = trainer.gather(torch.as_tensor(plan.local, device=gathered.device))
-    ordered = torch.empty_like(gathered)
-    ordered[index] = gathered
-    return ordered
+    return gather_rows(trainer, values, plan.local, len(plan.prompt_index))
+
+
+def gather_trajectory(trainer: Trainer, trajectory: Trajectory, plan: EpochPlan) -> Trajectory:
+    """Every process's trajectories (one per local sample of `plan`) in global sample order, on every process."""
+    return trajectory.map(lambda t: gather_in_order(trainer, t, plan))
+
+
+def on_every_process(trainer: Trainer, compute: Callable[[], T], what: str = "the reward") -> T:
+    """Run `compute` (e.g. scoring a batch) so that an error on one process is an error on every process.
+
+    Without this, the processes that succeeded would wait forever in their next collective for the one that
+    failed. Every process must call it at the same point; the failing one re-raises its own error, the
+    others raise a RewardError that quotes it.
+    """
+    from rewards import RewardError
+
+    error: Exception | None = None
+    result = None
+    try:
+        result = compute()
+    except Exception as caught:  # noqa: BLE001 — re-raised on this process, reported on the others
+        error = caught
+    if not trainer.any_process(error is not None):
+        return result
+    from accelerate.utils import gather_object
+
+    failed = [message for message in gather_object([None if error is None else f"{type(error).__name__}: {error}"])
+              if message is not None]
+    if error is None:
+        error = RewardError(f"{what} failed on another process: {failed[0] if failed else 'unknown error'}")
+    error.raised_on_every_process = True  # lets the command line print it once
+    raise error
 
 
 def total_reward(values: torch.Tensor) -> torch.Tensor:
@@ -224,26 +280,24 @@ def evaluate(
     samples_per_prompt: int,
     seed: int,
     batch_size: int,
-    gather=None,
-    process_index: int = 0,
-    num_processes: int = 1,
+    trainer: Trainer | None = None,
     gold=None,
 ) -> dict[str, float]:
-    """Mean/std reward of fixed-seed samples on held-out prompts (sharded over processes, then gathered),
-    plus ``eval_gold_<name>`` means of the gold evaluator's per-sample verdicts when one is given."""
+    """Mean/std reward of fixed-seed samples on held-out prompts, plus ``eval_gold_<name>`` means of the gold
+    evaluator's per-sample verdicts when one is given.
+
+    With a `trainer` of several processes the samples are sharded round-robin (shards may be uneven, or
+    empty) and gathered; every process gets the same numbers.
+    """
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     seeds = [seed + i for i in range(len(all_prompts))]
-    mine = list(range(process_index, len(all_prompts), num_processes))
-    if not mine and gold is not None:
-        raise ConfigError(
-            f"{len(all_prompts)} held-out samples cannot be split over {num_processes} processes for gold "
-            "evaluation; raise eval.samples_per_prompt or add eval prompts"
-        )
-    verdicts: dict[str, torch.Tensor] = {}
-    if not mine:
-        width = () if len(reward.objectives) == 1 else (len(reward.objectives),)
-        values = torch.zeros((0, *width), device=generator.device)
-    else:
+    processes, rank = (1, 0) if trainer is None else (trainer.num_processes, trainer.process_index)
+    mine = list(range(rank, len(all_prompts), processes))
+    width = () if len(reward.objectives) == 1 else (len(reward.objectives),)
+
+    def score_shard() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not mine:
+            return torch.zeros((0, *width), device=generator.device), {}
         rollout = generator.sample(
             [all_prompts[i] for i in mine],
             options,
@@ -251,17 +305,28 @@ def evaluate(
             batch_size=batch_size,
             return_trajectory=False,
         )
-        values = reward(rollout.images, rollout.prompts).rewards
+        values = reward(rollout.images, rollout.prompts).rewards.float()
+        verdicts = {} if gold is None else {k: v.float() for k, v in gold(rollout.images, rollout.prompts).items()}
+        return values, verdicts
+
+    if trainer is None:
+        values, verdicts = score_shard()
+    else:
+        values, verdicts = on_every_process(trainer, score_shard, what="held-out evaluation")
+        values = gather_rows(trainer, values.to(trainer.device), mine, len(all_prompts))
         if gold is not None:
-            verdicts = gold(rollout.images, rollout.prompts)
-    if gather is not None and num_processes > 1:
-        values = gather(values)
+            from accelerate.utils import gather_object
+
+            # A process with no samples has no verdicts: it learns their names from the others.
+            names = sorted(set().union(*gather_object([sorted(verdicts)])))
+            verdicts = {
+                name: gather_rows(trainer, verdicts.get(name, torch.zeros(0, device=trainer.device)).to(trainer.device),
+                                  mine, len(all_prompts))
+                for name in names
+            }
     metrics = reward_metrics(values, reward.objectives, prefix="eval_reward")
     for name, verdict in verdicts.items():
-        verdict = verdict.to(values.device, torch.float32)
-        if gather is not None and num_processes > 1:
-            verdict = gather(verdict)
-        metrics[f"eval_gold_{name}"] = float(verdict.mean())
+        metrics[f"eval_gold_{name}"] = float(verdict.float().mean())
     return metrics
 
 
@@ -276,7 +341,7 @@ class DiffusionPipelineConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    epochs: int = 10
+    epochs: PositiveInt = 10
 
 
 class DiffusionPipeline:
@@ -308,8 +373,6 @@ class DiffusionPipeline:
             total_updates=total_updates,
             run_config=to_dict(c),
         )
-        if trainer.is_main:
-            save_yaml(c, trainer.run_dir / "config.yaml")
         start, state = trainer.resume_if_requested()
         if start == 0:
             trainer.log(self.evaluate(trainer), step=-1)
@@ -344,8 +407,6 @@ class DiffusionPipeline:
                 samples_per_prompt=c.eval.samples_per_prompt,
                 seed=c.eval.seed,
                 batch_size=c.sampling.batch_size,
-                gather=trainer.gather,
-                process_index=trainer.process_index,
-                num_processes=trainer.num_processes,
+                trainer=trainer,
                 gold=self.gold,
             )

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -29,9 +29,18 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 
+from genalign.config import AtLeast, ConfigError, NonNegativeInt, PositiveInt, load_yaml, save_yaml
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+# A checkpoint being replaced by a new save of the same step waits under this prefix until the new one is in place.
+ASIDE_PREFIX = ".old_"
+# Config keys that may change between a run and its resumption without changing what it computes.
+RESUME_IRRELEVANT_KEYS = (
+    "trainer.resume", "trainer.allow_config_change", "trainer.progress", "trainer.log_with",
+    "trainer.checkpoint_every", "trainer.keep_checkpoints",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -43,7 +52,7 @@ class LoRAConfig:
     """Low-rank adapters on the denoiser (peft). Disabled means full fine-tuning of the denoiser."""
 
     enabled: bool = True
-    rank: int = 4
+    rank: PositiveInt = 4
     alpha: float = 4.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
@@ -55,61 +64,71 @@ class TrainerConfig:
 
     output_dir: str = "runs/default"
     seed: int = 0
-    learning_rate: float = 3e-4
+    learning_rate: Annotated[float, AtLeast(0)] = 3e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     weight_decay: float = 1e-4
-    max_grad_norm: float = 1.0
+    max_grad_norm: Annotated[float, AtLeast(0, strict=True)] = 1.0
     lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: NonNegativeInt = 0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     ema: bool = False
-    ema_decay: float = 0.999
+    ema_decay: Annotated[float, AtLeast(0)] = 0.999
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
+    checkpoint_every: NonNegativeInt = 10
+    keep_checkpoints: NonNegativeInt = 2
     resume: str | None = None
+    # A resumed run refuses a config that differs from the one saved in the run folder (it would not equal
+    # the uninterrupted run); set this to accept the changes, which are then recorded in warnings.log.
+    allow_config_change: bool = False
+    # Updates whose gradient norm is NaN/inf are skipped (with a warning); this many in a row stop the run.
+    max_skipped_updates: PositiveInt = 5
     log_with: list[str] = field(default_factory=lambda: ["jsonl"])
     progress: bool = True
 
 
 class EMA:
-    """Exponential moving average of the trained parameters (kept in float32)."""
+    """Exponential moving average of the trained parameters (kept in float32), keyed by parameter name so
+    that a checkpoint's EMA loads into a freshly built model as well as into the training one."""
 
-    def __init__(self, parameters: list[torch.nn.Parameter], decay: float) -> None:
+    def __init__(self, parameters: dict[str, torch.nn.Parameter], decay: float) -> None:
         self.parameters = parameters
         self.decay = decay
-        self.shadow = [p.detach().float().clone() for p in parameters]
+        self.shadow = {name: p.detach().float().clone() for name, p in parameters.items()}
 
     @torch.no_grad()
     def update(self) -> None:
-        for shadow, param in zip(self.shadow, self.parameters):
-            shadow.lerp_(param.detach().float(), 1 - self.decay)
+        for name, param in self.parameters.items():
+            self.shadow[name].lerp_(param.detach().float(), 1 - self.decay)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """Temporarily load the EMA weights into the model (e.g. for evaluation)."""
-        backup = [p.detach().clone() for p in self.parameters]
+        backup = {name: p.detach().clone() for name, p in self.parameters.items()}
         with torch.no_grad():
-            for shadow, param in zip(self.shadow, self.parameters):
-                param.copy_(shadow.to(param.dtype))
+            for name, param in self.parameters.items():
+                param.copy_(self.shadow[name].to(param.dtype))
         try:
             yield
         finally:
             with torch.no_grad():
-                for saved, param in zip(backup, self.parameters):
-                    param.copy_(saved)
+                for name, param in self.parameters.items():
+                    param.copy_(backup[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"ema.{i}": t for i, t in enumerate(self.shadow)}
+        return {name: t.cpu().contiguous() for name, t in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if len(state) != len(self.shadow):
-            raise CheckpointError(f"EMA checkpoint has {len(state)} tensors, the model has {len(self.shadow)}")
-        for i, shadow in enumerate(self.shadow):
-            shadow.copy_(state[f"ema.{i}"])
+        if state.keys() != self.shadow.keys():
+            missing = sorted(self.shadow.keys() - state.keys())
+            raise CheckpointError(
+                f"EMA checkpoint does not match the trained parameters ({len(missing)} missing, e.g. {missing[:2]}); "
+                "resume with the model and LoRA settings it was trained with"
+            )
+        for name, shadow in self.shadow.items():
+            shadow.copy_(state[name])
 
 
 class Trainer:
@@ -118,14 +137,18 @@ class Trainer:
     Typical use inside a pipeline::
 
         trainer = Trainer(generator, config.trainer, accumulation_steps=n_backward_per_update, ...)
-        start = trainer.resume_if_requested(state)       # restores everything, returns the next epoch
+        start, state = trainer.resume_if_requested()     # restores everything, returns the next epoch
         for epoch in trainer.epochs(start, total):
             ...
             with trainer.accumulate():
                 trainer.backward(loss)
                 trainer.optimizer_step()                 # no-op until the last accumulation step
             trainer.log(metrics, step=epoch)
-            trainer.maybe_checkpoint(epoch, state)
+            trainer.maybe_checkpoint(epoch, total, state)
+
+    Constructing a Trainer checks the run folder before writing to it: a fresh run refuses a folder that
+    already holds checkpoints, and a resumed run refuses a config that differs from the saved one (unless
+    `allow_config_change`); then `run_config` is saved as the folder's config.yaml.
     """
 
     def __init__(
@@ -151,6 +174,9 @@ class Trainer:
                 f"accelerate runs {self.accelerator.num_processes} processes but WORLD_SIZE is "
                 f"{launched_processes()}; launch with `accelerate launch` or `torchrun`, which set WORLD_SIZE"
             )
+        if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+            _enable_cpu_fp16(self.accelerator)
+        self._resume_path = self._check_run_folder(run_config)
         set_seed(config.seed)
         self.generator = generator
         generator.to(self.accelerator.device)
@@ -164,7 +190,8 @@ class Trainer:
             denoiser.enable_gradient_checkpointing()
         # Sampling and re-evaluation must be the same function, so dropout-style train-mode behaviour is off.
         denoiser.eval()
-        self.parameters = generator.trainable_parameters()
+        self.named_parameters = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+        self.parameters = list(self.named_parameters.values())
         if not self.parameters:
             raise ValueError("no trainable parameters: check lora.target_modules against the denoiser's module names")
         # Train in float32 even if the model was loaded in half precision; autocast handles mixed precision.
@@ -178,23 +205,63 @@ class Trainer:
             eps=config.adam_eps,
             weight_decay=config.weight_decay,
         )
+        # Not handed to accelerator.prepare: its wrapper steps the schedule once per process on every update,
+        # so a cosine schedule would run num_processes times too fast. It steps once per applied update here.
         self.lr_scheduler = get_scheduler(
             config.lr_schedule,
             self.optimizer,
             num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=total_updates,
         )
-        wrapped, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            denoiser, self.optimizer, self.lr_scheduler
-        )
+        wrapped, self.optimizer = self.accelerator.prepare(denoiser, self.optimizer)
         generator.denoiser_forward = wrapped
-        self.ema = EMA(self.parameters, config.ema_decay) if config.ema else None
+        self.ema = EMA(self.named_parameters, config.ema_decay) if config.ema else None
         self.updates = 0
+        self.skipped_updates = 0
+        self._skipped_in_a_row = 0
         self.run_config = run_config or {}
         self._writers: list[Any] = []
         self._last_grad_norm = float("nan")
+
+    # ------------------------------------------------------------------ the run folder
+    def _check_run_folder(self, run_config: dict[str, Any] | None) -> Path | None:
+        """Validate the run folder against the request, then claim it; returns the checkpoint to resume.
+
+        Runs before anything is written, so a refused start leaves the folder exactly as it was.
+        """
+        found = list_checkpoints(self.checkpoint_dir)
+        path = resolve_checkpoint(self.config.resume, self.run_dir) if self.config.resume else None
+        if path is None and found:
+            raise ConfigError(
+                f"'{self.run_dir}' already holds checkpoints of an earlier run ({found[-1].name}); pass "
+                "trainer.resume=latest to continue it, or choose a new trainer.output_dir"
+            )
+        saved_config = self.run_dir / "config.yaml"
+        changes: list[str] = []
+        if path is not None and run_config is not None and saved_config.exists():
+            changes = config_changes(load_yaml(saved_config), run_config)
+            if changes and not self.config.allow_config_change:
+                listed = "; ".join(changes[:6]) + ("; …" if len(changes) > 6 else "")
+                raise ConfigError(
+                    f"resuming '{self.run_dir}' with a config that differs from the one it was trained with "
+                    f"({listed}); a resumed run would not equal the uninterrupted one. Resume with the saved "
+                    "config, or pass trainer.allow_config_change=true to accept the changes"
+                )
+        self.accelerator.wait_for_everyone()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if path is None:
+                # Records of an earlier attempt that died before its first checkpoint.
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            if run_config is not None:
+                save_yaml(run_config, saved_config)
+        self.accelerator.wait_for_everyone()
+        if self.config.resume and path is None:
+            self.warn(f"trainer.resume={self.config.resume} but '{self.checkpoint_dir}' holds no checkpoint yet; "
+                      "starting from scratch")
+        if changes:
+            self.warn("resuming with config changes (trainer.allow_config_change=true): " + "; ".join(changes))
+        return path
 
     # ------------------------------------------------------------------ processes
     @property
@@ -214,8 +281,16 @@ class Trainer:
         return self.accelerator.process_index
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate a tensor across processes along dim 0 (identity with one process)."""
+        """Concatenate a tensor across processes along dim 0 (identity with one process); every process must
+        pass the same shape (see `genalign.engine.gather_in_order` for uneven shards)."""
         return self.accelerator.gather(tensor.contiguous())
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process if `flag` is true on any (a collective: every process must call it)."""
+        if self.num_processes == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
     def mean_across_processes(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalar statistics over processes, so logs describe the global batch."""
@@ -235,12 +310,11 @@ class Trainer:
         return self.accelerator.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward pass; the loss is divided by the accumulation steps so an update averages its parts."""
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()}; the last checkpoint is intact. Lower the learning rate or "
-                "check the reward for extreme values"
-            )
+        """Backward pass; the loss is divided by the accumulation steps so an update averages its parts.
+
+        A non-finite loss is not an error here: it makes the update's gradient norm non-finite on every
+        process alike (DDP averages the gradients), and `optimizer_step` skips that update everywhere.
+        """
         self.accelerator.backward(loss)
 
     @property
@@ -248,17 +322,39 @@ class Trainer:
         return self.accelerator.sync_gradients
 
     def optimizer_step(self) -> bool:
-        """Clip, step, schedule, update EMA — only when this was the update's last accumulation step."""
+        """Clip, step, schedule, update EMA — only when this was the update's last accumulation step.
+
+        An update whose gradient norm is NaN or infinite is skipped (no step, no schedule or EMA change), with
+        a warning; `max_skipped_updates` in a row raise FloatingPointError. With fp16 the GradScaler still sees
+        the overflow, so it lowers its loss scale. Returns whether an update was applied.
+        """
         if not self.accelerator.sync_gradients:
             return False
-        norm = self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
-        self._last_grad_norm = float(norm)
+        norm = float(self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm))
+        self._last_grad_norm = norm
+        if not math.isfinite(norm):
+            if self.accelerator.scaler is not None:
+                self.optimizer.step()  # GradScaler: skips the step and lowers the loss scale
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_updates += 1
+            self._skipped_in_a_row += 1
+            limit = self.config.max_skipped_updates
+            self.warn(f"update {self.updates + 1}: gradient norm is {norm}; update skipped "
+                      f"({self._skipped_in_a_row} in a row, the run stops at {limit})")
+            if self._skipped_in_a_row >= limit:
+                raise FloatingPointError(
+                    f"{limit} updates in a row had a non-finite gradient norm; the last checkpoint is intact. "
+                    "Lower trainer.learning_rate, check the reward for extreme values, or try "
+                    "trainer.mixed_precision=bf16 instead of fp16"
+                )
+            return False
         self.optimizer.step()
-        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update()
         self.updates += 1
+        self._skipped_in_a_row = 0
         return True
 
     @property
@@ -284,7 +380,8 @@ class Trainer:
             return
         if not self._writers:
             self._open_writers()
-        record = {"step": step, "updates": self.updates, "time": round(time.time(), 3)}
+        record = {"step": step, "updates": self.updates, "skipped_updates": self.skipped_updates,
+                  "time": round(time.time(), 3)}
         record.update({k: float(v) for k, v in metrics.items()})
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -334,19 +431,18 @@ class Trainer:
         return None
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        unwrapped = self.accelerator.unwrap_model(self.generator.denoiser_forward)
-        return {
-            name: param.detach().float().cpu().contiguous()
-            for name, param in unwrapped.named_parameters()
-            if param.requires_grad
-        }
+        return {name: p.detach().float().cpu().contiguous() for name, p in self.named_parameters.items()}
 
     def save_checkpoint(self, epoch: int, pipeline_state: dict[str, Any]) -> Path:
-        """Write step_{epoch} atomically: everything goes to a temp folder that is renamed when complete.
+        """Write step_{epoch} so that a complete checkpoint exists at every instant.
 
-        Contents: trainable weights (LoRA adapters or the full denoiser) in safetensors, the LoRA adapter in
-        diffusers' format (loadable by `load_lora_weights`), optimiser and LR-scheduler states, EMA, every
-        process's RNG states, and the pipeline's own state (e.g. per-prompt reward statistics) as JSON.
+        Everything goes to a temp folder that is renamed when complete; a checkpoint of the same step that
+        already exists is first renamed aside (`list_checkpoints` still finds it there) and removed only once
+        the new one is in place. Files and folders are fsynced before each rename.
+
+        Contents: trainable weights (LoRA adapters or the full denoiser) in safetensors; the adapter in
+        diffusers' format (`lora/`, EMA weights when EMA is on, the raw ones then in `lora_raw/`); optimiser,
+        LR-scheduler and fp16 GradScaler states; EMA; every process's RNG states; the pipeline's own state.
         """
         acc = self.accelerator
         final = self.checkpoint_dir / f"step_{epoch:06d}"
@@ -358,18 +454,23 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_state_{self.process_index}.pt")
-        state = self._trainable_state()
         if self.is_main:
-            save_file(state, str(tmp / "trainable.safetensors"))
+            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
             if self.config.lora.enabled:
-                self.generator.save_lora_weights(tmp / "lora")
+                with self.ema_weights():
+                    self.generator.save_lora_weights(tmp / "lora")
+                if self.ema is not None:
+                    self.generator.save_lora_weights(tmp / "lora_raw")
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            if acc.scaler is not None:
+                torch.save(acc.scaler.state_dict(), tmp / "grad_scaler.pt")
             if self.ema is not None:
                 save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
             meta = {
                 "epoch": epoch,
                 "updates": self.updates,
+                "skipped_updates": self.skipped_updates,
                 "num_processes": self.num_processes,
                 "lora": self.config.lora.enabled,
                 "pipeline_state": pipeline_state,
@@ -379,13 +480,19 @@ class Trainer:
             (tmp / "trainer_state.json").write_text(json.dumps(meta))
         acc.wait_for_everyone()
         if self.is_main:
-            for item in tmp.rglob("*"):
-                if item.is_file():
-                    with open(item, "rb") as f:
-                        os.fsync(f.fileno())
+            _fsync_tree(tmp)
             if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+                aside = self.checkpoint_dir / f"{ASIDE_PREFIX}{final.name}"
+                if aside.exists():
+                    shutil.rmtree(aside)
+                os.replace(final, aside)
+                _fsync_dir(self.checkpoint_dir)
+                os.replace(tmp, final)
+                _fsync_dir(self.checkpoint_dir)
+                shutil.rmtree(aside)
+            else:
+                os.replace(tmp, final)
+                _fsync_dir(self.checkpoint_dir)
             self._prune_checkpoints()
         acc.wait_for_everyone()
         return final
@@ -400,15 +507,12 @@ class Trainer:
         """Restore the checkpoint named by config.resume ('latest' or a folder).
 
         Returns:
-            (first epoch to run, the pipeline state saved with the checkpoint) — (0, {}) when not resuming.
+            (first epoch to run, the pipeline state saved with the checkpoint) — (0, {}) when not resuming
+            (or when resume=latest found no checkpoint, which the constructor warned about).
         """
-        if not self.config.resume:
+        if self._resume_path is None:
             return 0, {}
-        path = resolve_checkpoint(self.config.resume, self.run_dir)
-        if path is None:
-            logger.info("resume=latest but no checkpoint in %s yet; starting from scratch", self.checkpoint_dir)
-            return 0, {}
-        return self.load_checkpoint(path)
+        return self.load_checkpoint(self._resume_path)
 
     def load_checkpoint(self, path: str | Path) -> tuple[int, dict[str, Any]]:
         path = Path(path)
@@ -421,8 +525,7 @@ class Trainer:
                 f"checkpoint '{path}' was trained with lora.enabled={meta['lora']}; resume with the same setting"
             )
         state = load_file(str(path / "trainable.safetensors"))
-        unwrapped = self.accelerator.unwrap_model(self.generator.denoiser_forward)
-        params = {name: p for name, p in unwrapped.named_parameters() if p.requires_grad}
+        params = self.named_parameters
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
         if missing or unexpected:
@@ -436,20 +539,40 @@ class Trainer:
                 param.copy_(state[name].to(param.dtype))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            scaler_file = path / "grad_scaler.pt"
+            if scaler_file.exists():
+                scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
+            else:
+                self._missing_state(path, "fp16 GradScaler state (it was trained without fp16)", "a fresh loss scale")
         if self.ema is not None:
             ema_file = path / "ema.safetensors"
             if ema_file.exists():
                 self.ema.load_state_dict(load_file(str(ema_file), device=str(self.device)))
+            else:
+                self._missing_state(path, "EMA state (it was trained with trainer.ema=false)",
+                                    "an EMA started from the checkpoint's weights")
+                self.ema = EMA(self.named_parameters, self.config.ema_decay)
         rng_file = path / f"rng_state_{self.process_index}.pt"
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=True))
         random.setstate(_python_rng_from_json(meta["python_random"]))
         np.random.set_state(_numpy_rng_from_json(meta["numpy_random"]))
         self.updates = int(meta["updates"])
+        self.skipped_updates = int(meta.get("skipped_updates", 0))
         if self.is_main:
             _truncate_metrics(self.run_dir / "metrics.jsonl", after_step=int(meta["epoch"]))
         logger.info("resumed from %s (epoch %d)", path, meta["epoch"])
         return int(meta["epoch"]) + 1, meta["pipeline_state"]
+
+    def _missing_state(self, path: Path, what: str, fallback: str) -> None:
+        if not self.config.allow_config_change:
+            raise CheckpointError(
+                f"checkpoint '{path}' has no {what}; resume with the settings it was trained with, or pass "
+                f"trainer.allow_config_change=true to continue with {fallback}"
+            )
+        self.warn(f"checkpoint '{path}' has no {what}; continuing with {fallback}")
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -490,13 +613,22 @@ def add_lora(denoiser: torch.nn.Module, config: LoRAConfig) -> None:
     )
 
 
-def load_trained_weights(denoiser: torch.nn.Module, config: TrainerConfig, checkpoint: str | Path) -> None:
-    """Put a checkpoint's trained weights into a freshly loaded denoiser (adding LoRA adapters first if used)."""
+def load_trained_weights(
+    denoiser: torch.nn.Module, config: TrainerConfig, checkpoint: str | Path, *, use_ema: bool = True
+) -> None:
+    """Put a checkpoint's trained weights into a freshly loaded denoiser (adding LoRA adapters first if used).
+
+    Args:
+        use_ema: take the EMA weights when the checkpoint has them (a run trained with trainer.ema=true);
+            False takes the raw trained weights.
+    """
     checkpoint = Path(checkpoint)
     meta = json.loads((checkpoint / "trainer_state.json").read_text())
     if meta["lora"]:
         add_lora(denoiser, config.lora)
-    state = load_file(str(checkpoint / "trainable.safetensors"))
+    ema_file = checkpoint / "ema.safetensors"
+    source = ema_file if use_ema and ema_file.exists() else checkpoint / "trainable.safetensors"
+    state = load_file(str(source))
     params = dict(denoiser.named_parameters())
     missing = sorted(set(state) - set(params))
     if missing:
@@ -507,11 +639,20 @@ def load_trained_weights(denoiser: torch.nn.Module, config: TrainerConfig, check
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints (step_N folders), oldest first; temp folders of interrupted saves are ignored."""
+    """Complete checkpoints (step_N folders), oldest first; temp folders of interrupted saves are ignored.
+
+    A step whose folder is missing but whose previous version sits aside (a save of the same step that was
+    interrupted between its two renames) is listed by that version.
+    """
     if not checkpoint_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found: dict[int, Path] = {}
+    for path in checkpoint_dir.iterdir():
+        name = path.name.removeprefix(ASIDE_PREFIX)
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and (path.name == name or int(match.group(1)) not in found):
+            found[int(match.group(1))] = path
+    return [found[step] for step in sorted(found)]
 
 
 def resolve_checkpoint(resume: str, run_dir: Path) -> Path | None:
@@ -526,6 +667,59 @@ def resolve_checkpoint(resume: str, run_dir: Path) -> Path | None:
             f"{run_dir / 'checkpoints' / 'step_000009'}"
         )
     return path
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: old → new' for every leaf that differs between two config dicts (keys in `RESUME_IRRELEVANT_KEYS`
+    aside)."""
+    old, new = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if key in RESUME_IRRELEVANT_KEYS or old.get(key, "<unset>") == new.get(key, "<unset>"):
+            continue
+        changes.append(f"{key}: {old.get(key, '<unset>')!r} → {new.get(key, '<unset>')!r}")
+    return changes
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (POSIX: the directory entry itself must reach the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for item in root.rglob("*"):
+        if item.is_file():
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+        elif item.is_dir():
+            _fsync_dir(item)
+    _fsync_dir(root)
+
+
+def _enable_cpu_fp16(accelerator: Accelerator) -> None:
+    """fp16 autocast with loss scaling on the CPU, which accelerate leaves off there.
+
+    CPU training in fp16 is rarely what one wants (bf16 is the CPU's half precision), but with this the fp16
+    path that GPU configs use — autocast, GradScaler, its checkpointed state — runs and is tested on CPU too.
+    Must run before `prepare`, which hands the scaler to the optimizer wrapper.
+    """
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu")
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:

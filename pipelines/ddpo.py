@@ -2,40 +2,57 @@
 
 Each epoch: sample prompts × images with per-step log-probs, score them, turn rewards into per-prompt
 normalised advantages, then update the denoiser on a fraction of each trajectory's steps with the PPO-clip
-loss ("is", importance sampling) or plain REINFORCE ("sf", score function, one step per rollout).
+loss ("is", importance sampling) or plain REINFORCE ("sf", score function, one step per rollout). Each inner
+epoch reshuffles the samples into updates and draws each trajectory's training steps afresh.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 
-from genalign.config import ConfigError
-from genalign.engine import DiffusionPipeline, DiffusionPipelineConfig, gather_in_order, reward_metrics, total_reward
+from genalign.config import ConfigError, PositiveFloat, PositiveInt
+from genalign.engine import (
+    DiffusionPipeline,
+    DiffusionPipelineConfig,
+    EpochPlan,
+    SamplingConfig,
+    gather_in_order,
+    gather_trajectory,
+    on_every_process,
+    reward_metrics,
+    total_reward,
+)
 from genalign.generators.diffusion import DiffusionGenerator, Trajectory
-from genalign.stats import PerPromptStatTracker
 from genalign.sampling import StepSchedule
+from genalign.stats import PerPromptStatTracker
 from genalign.trainer import Trainer, launched_processes
+
+
+def _default_sampling() -> SamplingConfig:
+    # ε = 1e-4 is calibrated for the per-element (mean) log-ratio, as in the public DDPO code.
+    return SamplingConfig(log_prob_reduction="mean")
 
 
 @dataclass
 class DDPOConfig(DiffusionPipelineConfig):
     pipeline: Literal["ddpo"] = "ddpo"
-    prompts_per_epoch: int = 4
-    samples_per_prompt: int = 4
-    updates_per_epoch: int = 1
-    inner_epochs: int = 1
-    train_batch_size: int = 4
+    sampling: SamplingConfig = field(default_factory=_default_sampling)
+    prompts_per_epoch: PositiveInt = 4
+    samples_per_prompt: PositiveInt = 4
+    updates_per_epoch: PositiveInt = 1
+    inner_epochs: PositiveInt = 1
+    train_batch_size: PositiveInt = 4
     timestep_fraction: float = 1.0
     variant: Literal["is", "sf"] = "is"
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    stat_buffer_size: int = 32
-    stat_min_count: int = 16
+    clip_range: PositiveFloat = 1e-4
+    adv_clip_max: PositiveFloat = 5.0
+    stat_buffer_size: PositiveInt = 32
+    stat_min_count: PositiveInt = 16
 
 
 def ddpo_loss(
@@ -51,15 +68,16 @@ def ddpo_loss(
     "sf": mean(−A·log π_θ).
 
     Args:
-        log_prob, old_log_prob, advantages: [B].
+        log_prob, old_log_prob, advantages: [B] (log-probs in float64, so that ρ − 1 ≈ 1e-4 is resolved).
     Returns:
-        (scalar loss, stats: ratio mean, clip fraction, approx KL ½·mean((log π_θ − log π_old)²)).
+        (scalar loss, stats: ratio mean, largest |ρ − 1|, clip fraction, approx KL ½·mean((log π_θ − log π_old)²)).
     """
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
     stats = {
         "ratio": ratio.detach().mean(),
-        "clipfrac": ((ratio.detach() - 1).abs() > clip_range).float().mean(),
+        "ratio_max_deviation": (ratio.detach() - 1).abs().max(),
+        "clipfrac": ((ratio.detach() - 1).abs() > clip_range).double().mean(),
         "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
     }
     if variant == "sf":
@@ -121,6 +139,10 @@ class DDPOPipeline(DiffusionPipeline):
             accumulation_steps=micro_batches * n_train_steps,
             total_updates=c.epochs * c.updates_per_epoch * c.inner_epochs,
         )
+        if c.variant == "is" and c.sampling.log_prob_reduction == "sum":
+            trainer.warn(f"clip_range ε = {c.clip_range:g} is calibrated for sampling.log_prob_reduction=mean; "
+                         "with sum the log-ratio is summed over every latent element, so ρ leaves [1−ε, 1+ε] after "
+                         "the smallest update and almost every sample is clipped")
         if "stats" in state:
             self.tracker.load_state_dict(state["stats"])
         options = c.sampling.options()
@@ -137,25 +159,23 @@ class DDPOPipeline(DiffusionPipeline):
                     local_prompts, options, seeds=plan.seeds[plan.local].tolist(), batch_size=c.sampling.batch_size
                 )
             # 2. Score, gather in global order, and normalise per prompt on every process alike.
-            scores = self.reward(rollout.images, rollout.prompts).rewards.float()
+            scores = on_every_process(trainer, lambda: self.reward(rollout.images, rollout.prompts).rewards.float())
             global_scores = gather_in_order(trainer, scores, plan)
             global_prompts = [self.prompts[i] for i in plan.prompt_index]
             advantages, flat_fraction = self.tracker.update(global_prompts, total_reward(global_scores).cpu().numpy())
-            advantages = np.clip(advantages, -c.adv_clip_max, c.adv_clip_max)
-            local_adv = torch.as_tensor(advantages[plan.local], dtype=torch.float32, device=trainer.device)
+            advantages = torch.as_tensor(
+                np.clip(advantages, -c.adv_clip_max, c.adv_clip_max), dtype=torch.float64, device=trainer.device
+            )
             if flat_fraction == 1.0:
                 trainer.warn(f"epoch {epoch}: every prompt group has zero reward spread; advantages are 0 "
                              "and nothing is learned (is the reward constant?)")
             # 3. Update on a random subset of each trajectory's stochastic steps.
-            train_steps = np.stack([
-                plan.stream("timesteps", g).permutation(stochastic_steps)[:n_train_steps] for g in plan.local
-            ])
-            step_stats = self._update(trainer, rollout.trajectory, local_adv, train_steps, per_update, epoch)
-            samples = len(plan.prompt_index)
+            step_stats = self._update(trainer, rollout.trajectory, plan, advantages, stochastic_steps,
+                                      n_train_steps, per_update, epoch)
             last = {
                 **reward_metrics(global_scores, self.reward.objectives),
                 "zero_spread_fraction": flat_fraction,
-                "samples_per_s": samples / (time.time() - tic),
+                "samples_per_s": len(plan.prompt_index) / (time.time() - tic),
                 "lr": trainer.learning_rate,
                 "grad_norm": trainer.last_grad_norm,
                 **step_stats,
@@ -170,52 +190,79 @@ class DDPOPipeline(DiffusionPipeline):
         self,
         trainer: Trainer,
         trajectory: Trajectory,
+        plan: EpochPlan,
         advantages: torch.Tensor,
-        train_steps: np.ndarray,
+        stochastic_steps: np.ndarray,
+        n_train_steps: int,
         per_update: int,
         epoch: int,
     ) -> dict[str, float]:
+        """The epoch's `inner_epochs` × `updates_per_epoch` optimiser updates.
+
+        Inner epoch 0 trains in the plan's order; each later one draws a fresh global permutation of the
+        samples and fresh training steps per trajectory. An update takes the same global samples for any
+        number of processes, which needs every process to see every trajectory once a reshuffled update can
+        hold samples drawn elsewhere (updates_per_epoch > 1 on several processes: the trajectories are gathered).
+        """
         c = self.config
+        n = len(plan.prompt_index)
+        processes, rank = trainer.num_processes, trainer.process_index
+        gathered = c.inner_epochs > 1 and c.updates_per_epoch > 1 and processes > 1
+        if gathered:
+            trajectory = gather_trajectory(trainer, trajectory, plan)
+            row_of = np.arange(n)
+        else:
+            row_of = np.full(n, -1)
+            row_of[plan.local] = np.arange(len(plan.local))
         sums: dict[str, float] = {}
         count = 0
-        first_ratio = None
-        positions = np.arange(len(trajectory))
+        first_update_deviation = 0.0
         for inner in range(c.inner_epochs):
-            if inner > 0:
-                positions = np.random.default_rng([c.trainer.seed, epoch, inner]).permutation(len(trajectory))
+            order = plan.order if inner == 0 else np.random.default_rng([c.trainer.seed, epoch, inner]).permutation(n)
+            # This process's samples, in training order: its round-robin share of the order, or (when it holds
+            # only its own trajectories) the order restricted to them, which is the same set in every update.
+            mine = order[rank::processes] if gathered or inner == 0 else order[row_of[order] >= 0]
+            train_steps = np.stack([
+                plan.stream("timesteps", g, inner).permutation(stochastic_steps)[:n_train_steps] for g in mine
+            ])
             for u in range(c.updates_per_epoch):
-                update_positions = positions[u * per_update : (u + 1) * per_update]
-                for start in range(0, per_update, c.train_batch_size):
-                    idx = torch.as_tensor(update_positions[start : start + c.train_batch_size])
-                    batch = trajectory[idx]
-                    for j in range(train_steps.shape[1]):
-                        step_index = torch.as_tensor(train_steps[idx.numpy(), j])
+                for start in range(u * per_update, (u + 1) * per_update, c.train_batch_size):
+                    chosen = slice(start, start + c.train_batch_size)
+                    batch = trajectory[torch.as_tensor(row_of[mine[chosen]])]
+                    batch_advantages = advantages[torch.as_tensor(mine[chosen], device=advantages.device)]
+                    for j in range(n_train_steps):
+                        step_index = torch.as_tensor(train_steps[chosen, j])
                         old = batch.log_probs[torch.arange(len(batch)), step_index.to(batch.log_probs.device)]
                         with trainer.accumulate():
                             with trainer.autocast():
                                 log_prob = self.generator.step_log_prob(
                                     batch, step_index, reduction=c.sampling.log_prob_reduction
                                 )
-                            loss, stats = ddpo_loss(log_prob, old.float(), advantages[idx], c.clip_range, c.variant)
+                            loss, stats = ddpo_loss(log_prob, old, batch_advantages, c.clip_range, c.variant)
                             trainer.backward(loss)
                             trainer.optimizer_step()
-                        if first_ratio is None:
-                            first_ratio = float(stats["ratio"])
+                        if inner == 0 and u == 0:
+                            first_update_deviation = max(first_update_deviation, float(stats["ratio_max_deviation"]))
                         for key, value in {"loss": loss.detach(), **stats}.items():
                             sums[key] = sums.get(key, 0.0) + float(value)
                         count += 1
-        if first_ratio is not None and abs(first_ratio - 1) > 1e-3:
-            trainer.warn(f"epoch {epoch}: importance ratio before the first update is {first_ratio:.6f}, not 1; "
-                         "sampling and training compute different log-probs (dropout? dtype?)")
         out = {key: value / count for key, value in sums.items()}
-        out["ratio_first"] = first_ratio if first_ratio is not None else float("nan")
         # How far this epoch moved the policy, on one micro-batch: with one update per epoch every ratio
         # seen during training is exactly 1, so this is the only KL signal.
-        probe = torch.as_tensor(positions[: c.train_batch_size])
-        batch = trajectory[probe]
-        step_index = torch.as_tensor(train_steps[probe.numpy(), 0])
+        probe = mine[: c.train_batch_size]
+        batch = trajectory[torch.as_tensor(row_of[probe])]
+        step_index = torch.as_tensor(train_steps[: len(probe), 0])
         with torch.no_grad(), trainer.autocast():
             new = self.generator.step_log_prob(batch, step_index, reduction=c.sampling.log_prob_reduction)
-        log_ratio = new.float() - batch.log_probs[torch.arange(len(batch)), step_index.to(new.device)].float()
+        log_ratio = new - batch.log_probs[torch.arange(len(batch)), step_index.to(new.device)]
         out["approx_kl_after_update"] = float(0.5 * (log_ratio**2).mean())
-        return trainer.mean_across_processes(out)
+        out = trainer.mean_across_processes(out)
+        # The largest deviation on any process, not the mean of the processes' largest.
+        deviation = trainer.gather(torch.tensor([first_update_deviation], device=trainer.device)).max()
+        out["ratio_first_max_deviation"] = float(deviation)
+        if out["ratio_first_max_deviation"] > c.clip_range / 10:
+            trainer.warn(f"epoch {epoch}: before the first update the importance ratio is off 1 by up to "
+                         f"{out['ratio_first_max_deviation']:.3g}, not round-off below clip_range/10 = "
+                         f"{c.clip_range / 10:g}; sampling and training compute different log-probs (dropout? "
+                         "a different dtype or autocast?)")
+        return out

@@ -14,12 +14,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from genalign.config import ConfigError
+from genalign.config import ConfigError, NonNegativeInt, PositiveInt
 from genalign.engine import (
     DiffusionPipeline,
     DiffusionPipelineConfig,
     RewardConfig,
     SamplingConfig,
+    on_every_process,
     reward_metrics,
     total_reward,
 )
@@ -40,12 +41,12 @@ class DRaFTConfig(DiffusionPipelineConfig):
     pipeline: Literal["draft"] = "draft"
     reward: RewardConfig = field(default_factory=_default_reward)
     sampling: SamplingConfig = field(default_factory=_default_sampling)
-    batch_size: int = 8
-    train_batch_size: int = 4
-    grad_steps: int = 1
+    batch_size: PositiveInt = 8
+    train_batch_size: PositiveInt = 4
+    grad_steps: PositiveInt = 1
     random_truncation: bool = False
-    min_grad_steps: int = 1
-    lv_rounds: int = 0
+    min_grad_steps: PositiveInt = 1
+    lv_rounds: NonNegativeInt = 0
     checkpoint_denoiser: bool = True
 
 
@@ -102,7 +103,7 @@ class DRaFTPipeline(DiffusionPipeline):
                             checkpoint=c.checkpoint_denoiser,
                             lv_rounds=c.lv_rounds,
                         )
-                        scores = self.reward(rollout.images, rollout.prompts).rewards
+                        scores = on_every_process(trainer, lambda: self.reward(rollout.images, rollout.prompts).rewards)
                     trainer.backward(-total_reward(scores).mean())
                     trainer.optimizer_step()
                 rewards.append(scores.detach().float())

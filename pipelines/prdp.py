@@ -22,12 +22,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from genalign.config import ConfigError
+from genalign.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
 from genalign.engine import (
     DiffusionPipeline,
     DiffusionPipelineConfig,
     EpochPlan,
     gather_in_order,
+    on_every_process,
     reward_metrics,
     total_reward,
 )
@@ -39,15 +40,15 @@ from genalign.trainer import Trainer, launched_processes
 @dataclass
 class PRDPConfig(DiffusionPipelineConfig):
     pipeline: Literal["prdp"] = "prdp"
-    prompts_per_epoch: int = 4  # N
-    samples_per_prompt: int = 4  # B: each prompt's group, whose pairs the loss compares
-    updates_per_epoch: int = 1  # K gradient steps on the same samples, all against θ_old
-    beta: float = 3e-5  # β: KL weight; the target log-ratio difference is Δr / β
-    clip_range: float | None = 1e-4  # ε on each step's log-ratio; null turns the proximal clipping off
+    prompts_per_epoch: PositiveInt = 4  # N
+    samples_per_prompt: PositiveInt = 4  # B: each prompt's group, whose pairs the loss compares
+    updates_per_epoch: PositiveInt = 1  # K gradient steps on the same samples, all against θ_old
+    beta: PositiveFloat = 3e-5  # β: KL weight; the target log-ratio difference is Δr / β
+    clip_range: PositiveFloat | None = 1e-4  # ε on each step's log-ratio; null turns the proximal clipping off
     mean_over_steps: bool = False  # reference-code switch 1: r̂ averages the step log-ratios instead of summing
     positive_pairs_only: bool = False  # reference-code switch 2: average over ordered pairs with Δr > 0
-    train_batch_size: int = 4  # trajectories per denoiser call in the update passes
-    probe_prompts: int = 2  # groups re-evaluated after the updates for the diagnostics; 0 turns them off
+    train_batch_size: PositiveInt = 4  # trajectories per denoiser call in the update passes
+    probe_prompts: NonNegativeInt = 2  # groups re-evaluated after the updates for the diagnostics; 0 turns them off
 
 
 def rdp_loss(
@@ -210,7 +211,7 @@ class PRDPPipeline(DiffusionPipeline):
                 )
             trajectory = rollout.trajectory
             # 2. Score; every process needs every reward, in global order, for the pairs.
-            scores = self.reward(rollout.images, rollout.prompts).rewards.float()
+            scores = on_every_process(trainer, lambda: self.reward(rollout.images, rollout.prompts).rewards.float())
             global_scores = gather_in_order(trainer, scores, plan)
             rewards = total_reward(global_scores)
             # Samples are drawn group after group: global sample g belongs to prompt group g // B.
@@ -224,20 +225,23 @@ class PRDPPipeline(DiffusionPipeline):
             update_stats: list[dict[str, float]] = []
             for k in range(c.updates_per_epoch):
                 if k == 0:
-                    local_ratios = torch.zeros(local_samples, len(steps), device=trainer.device)
+                    local_ratios = torch.zeros(local_samples, len(steps), device=trainer.device, dtype=torch.float64)
                 else:
                     local_ratios = self._step_log_probs(trainer, trajectory, steps) - reference
                 ratios = gather_in_order(trainer, local_ratios, plan)
                 loss, coefficients, stats = loss_coefficients(ratios, rewards, groups, c)
                 local_coefficients = coefficients[torch.as_tensor(plan.local, device=coefficients.device)]
-                recorded = self._backward(trainer, trajectory, steps, local_coefficients.float())
+                recorded = self._backward(trainer, trajectory, steps, local_coefficients)
                 if reference is None:
                     reference = recorded
                 update_stats.append({"rdp_loss": float(loss), **{key: float(v) for key, v in stats.items()}})
             mismatch = float((reference - trajectory.log_probs[:, steps].to(reference)).abs().max())
-            if mismatch > 1e-3 * max(1.0, float(reference.abs().max())):
+            # Against the proximal ε: a larger mismatch alone would push steps onto the clipped branch.
+            tolerance = (c.clip_range or 1e-4) / 10
+            if mismatch > tolerance:
                 trainer.warn(f"epoch {epoch}: log-probs re-evaluated at θ_old differ from the sampled ones by "
-                             f"{mismatch:.3g}; sampling and training compute different densities (dropout? dtype?)")
+                             f"{mismatch:.3g} (more than {tolerance:g}); sampling and training compute different "
+                             "densities (dropout? a different dtype or autocast?)")
             last = {
                 **reward_metrics(global_scores, self.reward.objectives),
                 **{key: float(np.mean([s[key] for s in update_stats])) for key in update_stats[0]},
@@ -258,9 +262,9 @@ class PRDPPipeline(DiffusionPipeline):
         return last
 
     def _step_log_probs(self, trainer: Trainer, trajectory: Trajectory, steps: np.ndarray) -> torch.Tensor:
-        """[M, S] log π_θ at each trained step of each local trajectory, without gradients."""
+        """[M, S] log π_θ (float64) at each trained step of each local trajectory, without gradients."""
         c = self.config
-        out = torch.empty(len(trajectory), len(steps), device=trainer.device)
+        out = torch.empty(len(trajectory), len(steps), device=trainer.device, dtype=torch.float64)
         with torch.no_grad(), trainer.autocast():
             for start in range(0, len(trajectory), c.train_batch_size):
                 batch = trajectory[start : start + c.train_batch_size]
@@ -268,7 +272,7 @@ class PRDPPipeline(DiffusionPipeline):
                     index = torch.full((len(batch),), int(step))
                     out[start : start + len(batch), j] = self.generator.step_log_prob(
                         batch, index, reduction=c.sampling.log_prob_reduction
-                    ).float()
+                    )
         return out
 
     def _backward(
@@ -291,9 +295,9 @@ class PRDPPipeline(DiffusionPipeline):
                 with trainer.accumulate():
                     with trainer.autocast():
                         log_prob = self.generator.step_log_prob(batch, index, reduction=c.sampling.log_prob_reduction)
-                    trainer.backward(scale * (coefficients[rows, j] * log_prob.float()).sum())
+                    trainer.backward(scale * (coefficients[rows, j] * log_prob).sum())
                     trainer.optimizer_step()
-                evaluated[rows, j] = log_prob.detach().float()
+                evaluated[rows, j] = log_prob.detach()
         return evaluated
 
     def _probe(

@@ -99,15 +99,19 @@ class Trajectory:
     def __len__(self) -> int:
         return int(self.latents.shape[0])
 
-    def __getitem__(self, index) -> "Trajectory":
-        """Select samples (an index tensor, slice or list) along the batch dimension."""
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Trajectory":
+        """Apply `fn` to every per-sample tensor (all of them have the batch as dimension 0)."""
         return replace(
             self,
-            latents=self.latents[index],
-            log_probs=self.log_probs[index],
-            cond=self.cond[index],
-            uncond=None if self.uncond is None else self.uncond[index],
+            latents=fn(self.latents),
+            log_probs=fn(self.log_probs),
+            cond=self.cond.map(fn),
+            uncond=None if self.uncond is None else self.uncond.map(fn),
         )
+
+    def __getitem__(self, index) -> "Trajectory":
+        """Select samples (an index tensor, slice or list) along the batch dimension."""
+        return self.map(lambda t: t[index])
 
     @staticmethod
     def cat(items: Sequence["Trajectory"]) -> "Trajectory":
@@ -221,7 +225,7 @@ class DiffusionGenerator:
 
             def load(name: str, with_dtype: bool = True):
                 library, class_name = index[name]
-                component_class = getattr(importlib.import_module(library), class_name)
+                component_class = _component_class(source, name, library, class_name)
                 extra = {"torch_dtype": torch_dtype} if with_dtype else {}
                 return component_class.from_pretrained(source, subfolder=name, **extra, **kwargs)
 
@@ -567,11 +571,13 @@ class DiffusionGenerator:
                 # One randn_tensor call per step in the model dtype, as the diffusers schedulers draw it.
                 noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=model_output.dtype)
                 next_latents = mean + std * noise.to(mean.dtype)
-            if schedule.stochastic[i]:
-                log_probs.append(gaussian_log_prob(next_latents, mean, std, options.log_prob_reduction))
-            else:
-                log_probs.append(torch.zeros(len(prompts), device=self.device))
+            # The density is of the state as stored (rounded to the model dtype), which is what
+            # re-evaluation will score; in half precision the rounding alone moves log π by ~1e-2.
             latents = next_latents.to(self.dtype)
+            if schedule.stochastic[i]:
+                log_probs.append(gaussian_log_prob(latents, mean, std, options.log_prob_reduction))
+            else:
+                log_probs.append(torch.zeros(len(prompts), device=self.device, dtype=torch.float64))
             if return_trajectory:
                 states.append(latents)
         images = self.decode(latents) if decode else None
@@ -717,6 +723,27 @@ class DiffusionGenerator:
             x0_hat, _ = predicted_x0_and_eps(out.to(alpha.dtype), x_t, alpha, schedule.prediction_type)
             estimates.append(x0_hat)
         return torch.cat(estimates)
+
+
+# model_index.json names each component's library and class; only these libraries may be imported from it, so
+# that a downloaded folder cannot make us import and run an arbitrary installed module.
+_COMPONENT_LIBRARIES = ("diffusers", "transformers", "genalign")
+
+
+def _component_class(source: str, name: str, library: str, class_name: str) -> type:
+    """The class model_index.json names for component `name`, if it is a loadable class of an allowed library."""
+    if library.split(".")[0] not in _COMPONENT_LIBRARIES:
+        raise ModelLoadError(
+            f"'{source}': model_index.json names {library}.{class_name} for '{name}'; components may only come "
+            f"from {', '.join(_COMPONENT_LIBRARIES)}. Fix the entry (e.g. [\"diffusers\", \"UNet2DConditionModel\"])"
+        )
+    component_class = getattr(importlib.import_module(library), class_name, None)
+    if not isinstance(component_class, type) or not hasattr(component_class, "from_pretrained"):
+        raise ModelLoadError(
+            f"'{source}': model_index.json names {library}.{class_name} for '{name}', which is not a model, "
+            "tokenizer or scheduler class with from_pretrained"
+        )
+    return component_class
 
 
 def _read_model_index(source: str, **kwargs) -> dict:
