@@ -317,6 +317,8 @@ def _load_open_clip(
     filenames: Sequence[str],
     local_files_only: bool,
     dtype: torch.dtype | str | None,
+    quick_gelu: bool | None = None,
+    file_weights_like: str | None = None,
 ) -> tuple[torch.nn.Module, Any, ImageInputSpec]:
     """Build open_clip architecture ``model_name`` and load ``weights`` into it (strictly).
 
@@ -324,6 +326,11 @@ def _load_open_clip(
     local folder holding one of ``filenames``, or a hub repo holding one of ``filenames``. A tag is
     resolved to its hub file and then loaded like a local file, with the tag's QuickGELU and
     preprocessing settings.
+
+    ``quick_gelu`` sets the activation: True forces QuickGELU (what OpenAI's CLIPs were trained
+    with); False keeps GELU and is refused for a ``-quickgelu`` architecture, which cannot build it.
+    With None it is the tag's setting, or, for weights given as a file, folder or repo, the setting
+    of ``model_name``'s tag ``file_weights_like`` (None there: the architecture's own activation).
 
     Returns:
         ``(frozen model, tokenizer, image spec)``.
@@ -338,6 +345,14 @@ def _load_open_clip(
             f"or register a config with open_clip.add_model_config('/path/to/{model_name}.json')"
         )
     tag_cfg = open_clip.get_pretrained_cfg(model_name, weights)
+    if quick_gelu is None:
+        like = tag_cfg or (open_clip.get_pretrained_cfg(model_name, file_weights_like) if file_weights_like else {})
+        quick_gelu = bool(like.get("quick_gelu", False))
+    elif not quick_gelu and open_clip.get_model_config(model_name).get("quick_gelu", False):
+        raise RewardError(
+            f"quick_gelu=False asks for GELU but open_clip architecture {model_name!r} is built with QuickGELU; "
+            f"pass the architecture name without '-quickgelu' for GELU-trained weights"
+        )
     source, names, label = weights, filenames, what
     if tag_cfg:
         if not tag_cfg.get("hf_hub"):
@@ -357,7 +372,7 @@ def _load_open_clip(
         model = open_clip.create_model(
             model_name,
             pretrained=checkpoint,
-            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            force_quick_gelu=quick_gelu,
             force_preprocess_cfg=tag_cfg or None,
             weights_only=True,
         )
@@ -616,14 +631,19 @@ class LaionAesthetic(_FrozenModelReward):
     ViT-L/14 image embedding, trained on SAC + LAION-logos + AVA ratings (roughly 1-10). Text-free.
 
     Args:
-        clip_model: open_clip architecture name; the head expects ViT-L-14 embeddings (768-d). With a
-            local copy of the OpenAI weights use ``"ViT-L-14-quickgelu"`` (the ``"openai"`` tag sets
-            QuickGELU itself).
+        clip_model: open_clip architecture name; the head expects ViT-L-14 embeddings (768-d).
         clip_pretrained: open_clip pretrained tag, local checkpoint file/folder, or hub repo with an
-            open_clip checkpoint.
+            open_clip checkpoint (e.g. ``open_clip_model.safetensors`` of
+            ``timm/vit_large_patch14_clip_224.openai``, the file the ``"openai"`` tag resolves to).
         head: hub repo holding ``head_filename``, or a local path to the ``.pth`` (or its folder).
         head_filename: file name of the head inside ``head`` when it is a repo or folder.
         device, dtype, local_files_only: as for :class:`ClipScore`.
+        quick_gelu: the CLIP's activation. OpenAI's CLIPs were trained with QuickGELU, but open_clip's
+            plain ``"ViT-L-14"`` builds GELU, which shifts every embedding. None (default): the tag's
+            setting, and for weights given as a file, folder or repo the setting of the architecture's
+            ``"openai"`` tag (QuickGELU for ViT-L-14), since the released head scores OpenAI's
+            embeddings. Pass False for GELU-trained weights (e.g. LAION's ViT-L-14) with a head of
+            your own; True forces QuickGELU.
     """
 
     def __init__(
@@ -635,6 +655,7 @@ class LaionAesthetic(_FrozenModelReward):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         local_files_only: bool = False,
+        quick_gelu: bool | None = None,
     ) -> None:
         super().__init__(device)
         self.clip_model, self.clip_pretrained, self.head_source = clip_model, clip_pretrained, head
@@ -646,6 +667,8 @@ class LaionAesthetic(_FrozenModelReward):
             _OPEN_CLIP_WEIGHT_FILES,
             local_files_only,
             dtype,
+            quick_gelu=quick_gelu,
+            file_weights_like="openai",
         )
         try:
             head_file = _fetch_file(head, [head_filename], local_files_only)

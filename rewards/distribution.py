@@ -353,10 +353,6 @@ def per_sample_frechet_distance(frames: torch.Tensor, reference_stats: Any) -> t
     return _fd_to_stats(frames, mean2, cov2, factor2).to(_out_dtype(frames))
 
 
-def _poly_kernel(x: torch.Tensor, y: torch.Tensor, degree: int, gamma: float, coef: float) -> torch.Tensor:
-    return (x @ y.T * gamma + coef) ** degree
-
-
 def kid(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -370,10 +366,12 @@ def kid(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel Inception Distance: unbiased MMD² with a polynomial kernel, over random subsets.
 
-    Same estimator as torchmetrics' ``KernelInceptionDistance`` (kernel
-    ``(γ xᵀy + coef)^degree`` with γ = 1/D by default; per subset, ``a``'s
-    indices are drawn before ``b``'s, so with ``generator=None`` and the same
-    global seed the subsets match torchmetrics' with ``a`` = real features).
+    Each subset's MMD² is torchmetrics' own estimator (``torchmetrics.image.kid.poly_mmd``, kernel
+    ``(γ xᵀy + coef)^degree`` with γ = 1/D by default). The subsets are drawn here rather than by
+    ``KernelInceptionDistance.compute``, which samples them from the global RNG: ``generator``
+    makes them reproducible without touching the training random stream. Per subset ``a``'s
+    indices are drawn before ``b``'s, so with ``generator=None`` and the same global seed the
+    subsets match torchmetrics' with ``a`` = real features.
 
     Args:
         a: ``[N, D]``; b: ``[M, D]``; both need at least ``subset_size`` rows.
@@ -382,6 +380,9 @@ def kid(
         ``(mean, std)`` over subsets (population std, as torchmetrics), in the
         inputs' float dtype (at least float32).
     """
+    # Imported on use: torchmetrics' image package takes seconds to import and only KID needs it.
+    from torchmetrics.image.kid import poly_mmd
+
     a = _check_embeddings(a, "kid: a")
     b = _check_embeddings(b, "kid: b")
     if a.shape[1] != b.shape[1]:
@@ -403,12 +404,7 @@ def kid(
     for _ in range(subsets):
         fa = a64[torch.randperm(a.shape[0], generator=generator, device=rng_device)[:m].to(a.device)]
         fb = b64[torch.randperm(b.shape[0], generator=generator, device=rng_device)[:m].to(a.device)]
-        k_aa = _poly_kernel(fa, fa, degree, gamma, coef)
-        k_bb = _poly_kernel(fb, fb, degree, gamma, coef)
-        k_ab = _poly_kernel(fa, fb, degree, gamma, coef)
-        # Unbiased: drop the diagonals of the within-set kernels.
-        within = (k_aa.sum() - k_aa.diagonal().sum() + k_bb.sum() - k_bb.diagonal().sum()) / (m * (m - 1))
-        scores.append(within - 2.0 * k_ab.sum() / (m * m))
+        scores.append(poly_mmd(fa, fb, degree, gamma, coef))
     s = torch.stack(scores)
     return s.mean().to(dtype), s.std(correction=0).to(dtype)
 

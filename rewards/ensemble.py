@@ -176,12 +176,16 @@ def stochastic_variance(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of a reward over ``passes`` stochastic evaluations.
 
-    Without ``perturb``, each pass runs with dropout active (MC dropout): the
-    reward's modules are put in train mode for the passes and every module's
-    own train/eval flag is restored afterwards, even on error. Batch-norm
-    layers stay in eval mode, because train mode would normalise with batch
-    statistics and overwrite their running statistics. With ``perturb``, each
-    pass scores ``perturb(outputs)`` and module modes are left alone.
+    Without ``perturb``, each pass runs with dropout active (MC dropout):
+    every module's ``training`` flag is set to True for the passes and each
+    flag is restored afterwards, even on error. The flags are set directly
+    rather than through ``reward.train()``, because hub-model rewards (CLIP,
+    CLAP, text embedders) override ``train()`` to keep their models in eval
+    mode for normal use, which would leave dropout off. Normalisation layers
+    with running statistics (batch norm, instance norm) stay in eval mode,
+    because train mode would normalise with batch statistics and overwrite
+    those statistics. With ``perturb``, each pass scores ``perturb(outputs)``
+    and module modes are left alone.
 
     Gradients flow as in a normal call of a differentiable reward; wrap the
     call in ``torch.no_grad()`` when only the numbers are needed (e.g. as
@@ -210,13 +214,14 @@ def stochastic_variance(
     else:
         modes = [(module, module.training) for module in reward.modules()]
         try:
-            reward.train()
+            # Flags one by one, not train(): dropout lives in nn.Dropout modules
+            # and also in attention / drop-path modules that read their own
+            # flag, and frozen rewards' train() overrides force eval mode.
             for module in reward.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+                module.training = not isinstance(module, nn.modules.batchnorm._NormBase)
             runs = [reward(outputs, conditions).rewards for _ in range(passes)]
         finally:
-            # Set flags one by one: a parent's train()/eval() would overwrite
+            # Restored one by one too: a parent's train()/eval() would overwrite
             # children that were deliberately in the other mode.
             for module, training in modes:
                 module.training = training

@@ -11,6 +11,7 @@ import torch
 
 from rewards import RewardError, build_reward
 from rewards.audio import ClapLogMel, ClapScore, resample
+from rewards.ensemble import stochastic_variance
 from rewards.text import TextDiversity, TextSimilarity, packaged_minilm_path
 
 SR = 16_000
@@ -209,6 +210,29 @@ def test_clap_score_equals_model_on_extractor_features(clap: ClapScore, extracto
     torch.testing.assert_close(built(waves, prompts).rewards, out.rewards)
 
 
+def test_mc_dropout_reaches_clap_and_leaves_batch_norm_alone(clap: ClapScore) -> None:
+    """MC dropout switches CLAP's text dropout on (ClapScore.train() keeps it off) but not its BatchNorm."""
+    waves = _tones([440.0, 1500.0], 0.75)
+    prompts = ["a low piano melody", "bright flute notes"]
+    clap.train()
+    assert not any(m.training for m in clap.model.modules()), "normal use stays in eval mode"
+    norms = [m for m in clap.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms, "the tiny HTSAT has a BatchNorm2d"
+    stats = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in norms]
+    modes = {name: m.training for name, m in clap.named_modules()}
+    deterministic = clap(waves, prompts).rewards
+    torch.manual_seed(0)
+    with torch.no_grad():
+        mean, variance = stochastic_variance(clap, waves, prompts, passes=4)
+    assert mean.shape == variance.shape == (2,)
+    assert (variance > 0).all()
+    for m, (running_mean, running_var, tracked) in zip(norms, stats, strict=True):
+        assert torch.equal(m.running_mean, running_mean) and torch.equal(m.running_var, running_var)
+        assert int(m.num_batches_tracked) == tracked
+    assert {name: m.training for name, m in clap.named_modules()} == modes
+    torch.testing.assert_close(clap(waves, prompts).rewards, deterministic, rtol=0, atol=0)
+
+
 def test_clap_score_gradients_reach_waveform(tiny_clap_dir: Path) -> None:
     """Stereo 8 kHz input: down-mix, resampling and the log-mel all stay in the graph."""
     reward = ClapScore(str(tiny_clap_dir), sampling_rate=8_000)
@@ -286,6 +310,21 @@ def test_text_similarity_has_real_semantics(similarity: TextSimilarity) -> None:
     pair = TextSimilarity(target=["a cat sits on the mat", "stock market report"])
     emb = similarity.embed_texts(["a kitten on a rug", "a cat sits on the mat", "stock market report"])
     torch.testing.assert_close(pair(["a kitten on a rug"]).rewards, (emb[1:] @ emb[0]).mean()[None])
+
+
+def test_mc_dropout_reaches_the_text_encoder(similarity: TextSimilarity) -> None:
+    """MC dropout switches MiniLM's dropout on although SentenceEmbedder.train() keeps it off."""
+    texts, targets = ["a kitten on a rug", "stock market report"], ["a cat sits on the mat"] * 2
+    similarity.train()
+    assert not any(m.training for m in similarity.embedder.encoder.modules())
+    modes = {name: m.training for name, m in similarity.named_modules()}
+    deterministic = similarity(texts, targets).rewards
+    torch.manual_seed(0)
+    mean, variance = stochastic_variance(similarity, texts, targets, passes=3)
+    assert mean.shape == variance.shape == (2,)
+    assert (variance > 0).all()
+    assert {name: m.training for name, m in similarity.named_modules()} == modes
+    torch.testing.assert_close(similarity(texts, targets).rewards, deterministic, rtol=0, atol=0)
 
 
 def test_text_diversity(diversity: TextDiversity) -> None:

@@ -18,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 import rewards.clip_rewards as cr
 from genalign.worlds.tiny import character_clip_tokenizer
 from rewards import REWARDS, RewardError, build_reward
+from rewards.ensemble import stochastic_variance
 
 TINY_OPEN_CLIP = "test-tiny-ViT"
 PROMPTS = ["a red circle", "a blue square", "two green stars"]
@@ -28,10 +29,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # ------------------------------------------------------------------ fixtures: tiny checkpoints
 
 
-@pytest.fixture(scope="module")
-def hf_clip(tmp_path_factory) -> dict[str, Path]:
-    """A tiny transformers CLIPModel saved three ways: everything in one folder (the openai/clip-*
-    layout), weights only (PickScore_v1), and tokenizer + image processor only (laion/CLIP-ViT-H-14)."""
+def _tiny_hf_clip(attention_dropout: float = 0.0):
+    """A random tiny transformers CLIPModel, its character tokenizer and a 32-pixel image processor."""
     from transformers import (
         CLIPConfig,
         CLIPImageProcessor,
@@ -53,6 +52,7 @@ def hf_clip(tmp_path_factory) -> dict[str, Path]:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        attention_dropout=attention_dropout,
     )
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -62,9 +62,18 @@ def hf_clip(tmp_path_factory) -> dict[str, Path]:
         image_size=32,
         patch_size=8,
         projection_dim=16,
+        attention_dropout=attention_dropout,
     )
     model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, tokenizer, processor
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory) -> dict[str, Path]:
+    """A tiny transformers CLIPModel saved three ways: everything in one folder (the openai/clip-*
+    layout), weights only (PickScore_v1), and tokenizer + image processor only (laion/CLIP-ViT-H-14)."""
+    model, tokenizer, processor = _tiny_hf_clip()
     root = tmp_path_factory.mktemp("hf-clip")
     paths = {"full": root / "clip", "weights": root / "pickscore", "processor": root / "processor"}
     for key in ("full", "weights"):
@@ -232,6 +241,25 @@ def test_clip_score_dtype_and_frozen(hf_clip, images):
     torch.testing.assert_close(out, reference, atol=0.05, rtol=0)
 
 
+def test_mc_dropout_reaches_the_frozen_clip(tmp_path, images):
+    """stochastic_variance turns on CLIP's attention dropout, which ClipScore.train() keeps off."""
+    model, tokenizer, processor = _tiny_hf_clip(attention_dropout=0.3)
+    for part in (model, tokenizer, processor):
+        part.save_pretrained(tmp_path)
+    reward = cr.ClipScore(str(tmp_path), raw=True)
+    reward.train()
+    assert not any(m.training for m in reward.model.modules()), "normal use stays in eval mode"
+    modes = {name: m.training for name, m in reward.named_modules()}
+    deterministic = reward(images, PROMPTS).rewards
+    torch.manual_seed(0)
+    with torch.no_grad():
+        mean, variance = stochastic_variance(reward, images, PROMPTS, passes=4)
+    assert mean.shape == variance.shape == (3,)
+    assert (variance > 0).all()
+    assert {name: m.training for name, m in reward.named_modules()} == modes
+    torch.testing.assert_close(reward(images, PROMPTS).rewards, deterministic, rtol=0, atol=0)
+
+
 def test_clip_score_requires_prompts(hf_clip, images):
     reward = cr.ClipScore(model=str(hf_clip["full"]))
     with pytest.raises(RewardError, match="prompts are required"):
@@ -287,6 +315,45 @@ def test_aesthetic_matches_reference_and_loads_head_from_hub(open_clip_files, im
     reward.train()
     assert not reward.head.training  # dropout stays off
     _check_gradient_ascent(reward, images, None)
+
+
+def test_aesthetic_builds_local_openai_weights_with_quick_gelu(open_clip_files, images, monkeypatch, tmp_path):
+    """OpenAI's CLIPs use QuickGELU: a local copy of the weights the 'openai' tag points to must be
+    built the way the tag builds it, not with plain ViT-L-14's GELU (the docs example's path)."""
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    assert open_clip.get_pretrained_cfg("ViT-L-14", "openai")["quick_gelu"] is True
+    # Give the tiny architecture an 'openai' tag as ViT-L-14 has one.
+    monkeypatch.setitem(
+        open_clip.pretrained._PRETRAINED, TINY_OPEN_CLIP, {"openai": {"hf_hub": "genalign-test/tiny-openai/", "quick_gelu": True}}
+    )
+    clip_file, head = str(open_clip_files["clip"]), str(open_clip_files["head"])
+    reward = cr.LaionAesthetic(clip_model=TINY_OPEN_CLIP, clip_pretrained=clip_file, head=head)
+    assert any(isinstance(m, QuickGELU) for m in reward.model.modules())
+
+    pixels = cr.clip_preprocess(images, reward.image_spec)
+    with torch.no_grad():
+        quick = open_clip.create_model(TINY_OPEN_CLIP, pretrained=clip_file, force_quick_gelu=True).eval()
+        gelu = open_clip.create_model(TINY_OPEN_CLIP, pretrained=clip_file).eval()
+        quick_embedding = quick.encode_image(pixels, normalize=True)
+        gelu_embedding = gelu.encode_image(pixels, normalize=True)
+        torch.testing.assert_close(reward.model.encode_image(pixels, normalize=True), quick_embedding)
+        with_quick, with_gelu = reward.head(quick_embedding), reward.head(gelu_embedding)
+    assert (quick_embedding - gelu_embedding).abs().max() > 1e-3, "the activation changes the embedding"
+    torch.testing.assert_close(reward(images).rewards, with_quick, atol=1e-6, rtol=1e-6)
+
+    # GELU-trained weights with one's own head: quick_gelu=False.
+    plain = cr.LaionAesthetic(clip_model=TINY_OPEN_CLIP, clip_pretrained=clip_file, head=head, quick_gelu=False)
+    assert not any(isinstance(m, QuickGELU) for m in plain.model.modules())
+    torch.testing.assert_close(plain(images).rewards, with_gelu, atol=1e-6, rtol=1e-6)
+    # ... which a '-quickgelu' architecture cannot honour: one error naming the fix.
+    config = json.loads((open_clip_files["clip"].parent / f"{TINY_OPEN_CLIP}.json").read_text())
+    quick_file = tmp_path / f"{TINY_OPEN_CLIP}-quickgelu.json"
+    quick_file.write_text(json.dumps({**config, "quick_gelu": True}))
+    open_clip.add_model_config(quick_file)
+    with pytest.raises(RewardError, match="without '-quickgelu'"):
+        cr.LaionAesthetic(clip_model=f"{TINY_OPEN_CLIP}-quickgelu", clip_pretrained=clip_file, head=head, quick_gelu=False)
 
 
 def test_aesthetic_load_errors(open_clip_files, monkeypatch, tmp_path):

@@ -166,6 +166,29 @@ def test_kid_matches_torchmetrics() -> None:
     assert std.item() == pytest.approx(tm_std.item(), rel=1e-9)
 
 
+def test_kid_scores_each_subset_with_torchmetrics_poly_mmd(monkeypatch) -> None:
+    """KID delegates the per-subset MMD² to torchmetrics instead of re-implementing it."""
+    import torchmetrics.image.kid as tm_kid
+
+    real_poly_mmd = tm_kid.poly_mmd
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def recording_poly_mmd(f_real, f_fake, degree, gamma, coef):
+        value = real_poly_mmd(f_real, f_fake, degree, gamma, coef)
+        calls.append((f_real, f_fake, value))
+        return value
+
+    monkeypatch.setattr(tm_kid, "poly_mmd", recording_poly_mmd)
+    a = _gaussian_set(40, 6, seed=44)
+    b = _gaussian_set(40, 6, seed=45, shift=0.5)
+    mean, std = kid(a, b, subsets=4, subset_size=15, generator=_gen(2))
+    assert len(calls) == 4
+    assert all(f_real.shape == f_fake.shape == (15, 6) for f_real, f_fake, _ in calls)
+    values = torch.stack([value for _, _, value in calls])
+    assert mean.item() == pytest.approx(values.mean().item(), rel=1e-12)
+    assert std.item() == pytest.approx(values.std(correction=0).item(), rel=1e-12)
+
+
 def test_kid_independent_unbiased_estimator_and_generator() -> None:
     a = _gaussian_set(30, 6, seed=42)
     b = _gaussian_set(30, 6, seed=43, shift=1.0)

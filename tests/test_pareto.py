@@ -22,6 +22,7 @@ from rewards.pareto import (
     pareto_rewards,
     r2_indicator,
     tchebycheff,
+    tchebycheff_distance,
     weighted_sum,
 )
 
@@ -164,20 +165,11 @@ def pymoo_ranks(v: torch.Tensor) -> np.ndarray:
     return ranks
 
 
-@pytest.fixture(params=[128, 5], ids=["block128", "block5"])
-def sort_block(request, monkeypatch):
-    """Run with the default block size and with a tiny one, so small sets cross many blocks."""
-    monkeypatch.setattr(pareto, "_SORT_BLOCK", request.param)
-    monkeypatch.setattr(pareto, "_MASK_CHUNK", request.param * 2)
-    return request.param
-
-
-@pytest.fixture(params=["bitsets", "dense"])
-def dominance_path(request, monkeypatch):
-    """Both the bitset path and the memory-light comparison fallback."""
-    if request.param == "dense":
-        monkeypatch.setattr(pareto, "_BITSET_MAX_BYTES", 0)
-        monkeypatch.setattr(pareto, "_BLOCK", 7)
+@pytest.fixture(params=["one_block", "blocks_of_7"])
+def mask_block(request, monkeypatch):
+    """The torch mask with its default block and with 7-column blocks, so 60 points cross 9 blocks."""
+    if request.param == "blocks_of_7":
+        monkeypatch.setattr(pareto, "_MAX_ELEMS", 60 * 7)
     return request.param
 
 
@@ -186,7 +178,7 @@ def dominance_path(request, monkeypatch):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_mask_and_ranks_match_brute_force(kind, k, sort_block, dominance_path) -> None:
+def test_mask_and_ranks_match_brute_force(kind, k, mask_block) -> None:
     for seed in SEEDS:
         v, mask, ranks = reference(kind, k, seed)
         assert non_dominated_mask(v).tolist() == mask, (kind, k, seed)
@@ -238,7 +230,7 @@ def test_ranks_match_pymoo(kind, k) -> None:
 @needs_pymoo
 @pytest.mark.parametrize("k", [3, 4])
 def test_ranks_match_pymoo_multi_block(k) -> None:
-    """Sizes beyond one block of the bitset sort, including correlated objectives (many fronts)."""
+    """Larger sets, including correlated objectives (many fronts) and many ties."""
     g = torch.Generator().manual_seed(k)
     base = torch.randn(1500, 1, generator=g, dtype=torch.float64)
     for v in (
@@ -354,47 +346,45 @@ def test_hypervolume_hand_examples_and_reference_handling() -> None:
     assert hypervolume(v * torch.tensor([1.0, -1.0]), torch.zeros(2), maximize=[True, False]) == pytest.approx(6.0)
 
 
-def _mc_standard_error(v: torch.Tensor, ref: torch.Tensor, exact: float, samples: int) -> float:
-    p = v - ref
-    p = p[(p > 0).all(1)]
-    box = float(p.max(0).values.prod())
-    q = exact / box
-    return box * math.sqrt(q * (1 - q) / samples)
-
-
-@pytest.mark.parametrize("k", [3, 4])
-def test_hypervolume_monte_carlo_within_three_standard_errors(k) -> None:
-    samples = 20_000
-    for seed in SEEDS:
-        for kind in KINDS:
-            v = make_set(10 if k == 4 else 40, k, seed, kind)
-            ref = v.min(0).values - 0.05 if kind != "ties" else torch.full((k,), 0.5)
-            exact = hv_inclusion_exclusion(v, ref) if k == 4 else hv_grid(v, ref)
-            g = torch.Generator().manual_seed(seed)
-            est = hypervolume(v, ref, method="monte_carlo", samples=samples, generator=g)
-            se = _mc_standard_error(v, ref, exact, samples)
-            assert abs(est - exact) <= 3 * se, (k, seed, kind, est, exact, se)
-
-
-def test_hypervolume_monte_carlo_seeded_unbiased_and_auto() -> None:
+def test_hypervolume_k4_is_exact_and_leaves_global_rng_alone() -> None:
+    """K >= 4 used to fall back to a Monte Carlo estimate drawn from the global torch RNG."""
     v = make_set(10, 4, 0, "uniform")
     ref = torch.zeros(4)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    got = hypervolume(v, ref)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert got == pytest.approx(hv_inclusion_exclusion(v, ref), rel=1e-12, abs=1e-12)
+    assert got == pytest.approx(hv_grid(v, ref), rel=1e-12, abs=1e-12)
+    assert hypervolume(v, ref, method="exact") == got
+
+
+@pytest.mark.parametrize("k", [4, 5])
+def test_hypervolume_exact_for_five_objectives_and_ties(k) -> None:
+    for kind in KINDS:
+        v = make_set(9, k, 3, kind)
+        ref = torch.full((k,), 0.5) if kind == "ties" else v.min(0).values - 0.05
+        assert hypervolume(v, ref) == pytest.approx(hv_grid(v, ref), rel=1e-12, abs=1e-12), kind
+
+
+def test_hypervolume_monte_carlo_needs_a_generator_and_is_seeded() -> None:
+    v = make_set(10, 4, 1, "front")
+    ref = torch.zeros(4)
     exact = hv_inclusion_exclusion(v, ref)
-    a = hypervolume(v, ref, generator=torch.Generator().manual_seed(7), samples=5000)
-    b = hypervolume(v, ref, generator=torch.Generator().manual_seed(7), samples=5000)
-    assert a == b  # auto = Monte Carlo for K = 4, reproducible with a seeded generator
-    assert a != hypervolume(v, ref, method="exact")
-    # The mean of many independent estimates converges on the exact value (unbiasedness).
-    ests = [hypervolume(v, ref, samples=2000, generator=torch.Generator().manual_seed(s)) for s in range(50)]
-    se_mean = _mc_standard_error(v, ref, exact, 2000 * 50)
-    assert abs(float(np.mean(ests)) - exact) <= 3 * se_mean
-    # The dense fallback draws the same samples and must count the same hits.
-    pareto_bytes = pareto._BITSET_MAX_BYTES
-    try:
-        pareto._BITSET_MAX_BYTES = 0
-        assert hypervolume(v, ref, generator=torch.Generator().manual_seed(7), samples=5000) == a
-    finally:
-        pareto._BITSET_MAX_BYTES = pareto_bytes
+    with pytest.raises(ValueError, match="needs generator=.*global torch RNG"):
+        hypervolume(v, ref, method="monte_carlo")
+    before = torch.get_rng_state()
+    runs = [
+        hypervolume(v, ref, method="monte_carlo", samples=4000, generator=torch.Generator().manual_seed(seed))
+        for seed in range(20)
+    ]
+    assert torch.equal(torch.get_rng_state(), before)
+    again = hypervolume(v, ref, method="monte_carlo", samples=4000, generator=torch.Generator().manual_seed(0))
+    assert again == runs[0]
+    assert len(set(runs)) > 1  # different seeds, different samples
+    # Unbiased: the mean of the 20 estimates is within 3 standard errors of the exact value.
+    se_mean = float(np.std(runs, ddof=1)) / math.sqrt(len(runs))
+    assert abs(float(np.mean(runs)) - exact) <= 3 * se_mean
 
 
 @needs_pymoo
@@ -467,8 +457,8 @@ def test_scalarisations_hand_examples() -> None:
 
     ideal = torch.tensor([4.0, 3.0])
     # -max(w1 (4 - v1), w2 (3 - v2)): (1,3): -max(.75, 0) ; (2,2): -max(.5, .75) ; (4,.5): -max(0, 1.875)
-    assert torch.allclose(tchebycheff(v, w, ideal), torch.tensor([-0.75, -0.75, -1.875]))
-    assert torch.allclose(tchebycheff(-v, w, -ideal, maximize=False), tchebycheff(v, w, ideal))
+    assert torch.allclose(tchebycheff_distance(v, w, ideal), torch.tensor([-0.75, -0.75, -1.875]))
+    assert torch.allclose(tchebycheff_distance(-v, w, -ideal, maximize=False), tchebycheff_distance(v, w, ideal))
 
     lower = torch.tensor([0.0, 0.0])
     want = 0.25 * torch.log(v[:, 0] + 1e-8) + 0.75 * torch.log(v[:, 1] + 1e-8)
@@ -482,6 +472,31 @@ def test_scalarisations_hand_examples() -> None:
     m = log_convex(torch.tensor([[1.0]]), torch.tensor([1.0]), torch.tensor([3.0]), maximize=False, eps=0.0)
     assert m.item() == pytest.approx(math.log(2.0))
     assert weighted_sum(v.float(), w).dtype == torch.float32
+
+
+def test_tchebycheff_is_mogfn_min_form() -> None:
+    """MOGFN's Tchebycheff reward min_k w_k R_k: positive for positive rewards, so R^beta and log R work."""
+    v = torch.tensor([[1.0, 3.0], [2.0, 2.0], [4.0, 0.5]], dtype=torch.float64)
+    w = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    # w * v = (0.25, 2.25), (0.5, 1.5), (1.0, 0.375)
+    want = torch.tensor([0.25, 0.5, 0.375], dtype=torch.float64)
+    got = tchebycheff(v, w)
+    assert torch.equal(got, want)
+    assert torch.isfinite(torch.log(got)).all() and (got**60 > 0).all()
+    # Per-sample preferences, as MOGFN-PC conditions each sample on its own w.
+    w_rows = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.1, 0.9]], dtype=torch.float64)
+    assert torch.equal(tchebycheff(v, w_rows), torch.tensor([0.0, 1.0, 0.4], dtype=torch.float64))
+    # A minimised objective enters with a minus sign.
+    assert torch.equal(tchebycheff(v, w, maximize=[True, False]), torch.tensor([-2.25, -1.5, -0.375], dtype=torch.float64))
+    # The same number as the distance form with the "ideal" at the origin: -max_k w_k (0 - v_k).
+    assert torch.equal(got, tchebycheff_distance(v, w, torch.zeros(2)))
+    # The distance form itself stays <= 0 below a proper ideal point.
+    assert (tchebycheff_distance(v, w, v.max(0).values) <= 0).all()
+    # Gradient: w_k on each row's arg-min objective.
+    x = v.clone().requires_grad_(True)
+    tchebycheff(x, w).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([[0.25, 0.0], [0.25, 0.0], [0.0, 0.75]], dtype=torch.float64))
+    assert tchebycheff(v.float(), w).dtype == torch.float32
 
 
 # ------------------------------------------------------------------ validation
@@ -498,10 +513,12 @@ def test_scalarisations_hand_examples() -> None:
         (lambda: hypervolume(torch.rand(4, 2), torch.tensor([0.0, float("nan")])), "reference contains NaN"),
         (lambda: hypervolume(torch.rand(4, 2), torch.zeros(2), method="grid"), "method must be"),
         (lambda: hypervolume(torch.rand(4, 2), torch.zeros(2), samples=0), "samples must be a positive int"),
+        (lambda: hypervolume(torch.rand(4, 2), torch.zeros(2), method="monte_carlo"), "needs generator="),
         (lambda: hypervolume(torch.tensor([[1.0, float("inf")]]), torch.zeros(2)), "infinite"),
         (lambda: weighted_sum(torch.rand(4, 3), torch.ones(2)), r"weights must have shape \[K\] = \[3\]"),
         (lambda: weighted_sum(torch.rand(4, 2), torch.tensor([1.0, -1.0])), "maximize="),
-        (lambda: tchebycheff(torch.rand(4, 2), torch.ones(2), torch.ones(3)), r"ideal must have shape \[K\] = \[2\]"),
+        (lambda: tchebycheff_distance(torch.rand(4, 2), torch.ones(2), torch.ones(3)), r"ideal must have shape \[K\] = \[2\]"),
+        (lambda: tchebycheff(torch.rand(4, 2), torch.ones(3)), r"weights must have shape \[K\] = \[2\]"),
         (lambda: log_convex(torch.tensor([[-1.0, 1.0]]), torch.ones(2)), "Pass lower="),
         (lambda: r2_indicator(torch.rand(4, 2), torch.ones(3, 3), torch.ones(2)), r"weights must have shape \[W, K\]"),
         (lambda: igd(torch.rand(4, 2), torch.rand(5, 3)), "reference_front has 3 objectives but values has 2"),
@@ -518,7 +535,7 @@ def test_scalarisations_are_differentiable() -> None:
     """Differentiable rewards (DRaFT-style) can backpropagate through the scalarisations."""
     v = torch.tensor([[1.0, 3.0], [2.0, 2.0]], requires_grad=True)
     w = torch.tensor([0.25, 0.75])
-    (weighted_sum(v, w).sum() + tchebycheff(v, w, torch.tensor([4.0, 3.0])).sum() + log_convex(v, w).sum()).backward()
+    (weighted_sum(v, w).sum() + tchebycheff_distance(v, w, torch.tensor([4.0, 3.0])).sum() + log_convex(v, w).sum()).backward()
     # d/dv: weighted sum gives w; Tchebycheff adds w_k on each row's arg-max objective (row 0: objective 0,
     # row 1: objective 1); log gives w / v.
     want = torch.tensor([[0.25 + 0.25 + 0.25 / 1.0, 0.75 + 0.0 + 0.75 / 3.0], [0.25 + 0.0 + 0.25 / 2.0, 0.75 + 0.75 + 0.75 / 2.0]])
