@@ -325,18 +325,25 @@ class Trainer:
         """Clip, step, schedule, update EMA — only when this was the update's last accumulation step.
 
         An update whose gradient norm is NaN or infinite is skipped (no step, no schedule or EMA change), with
-        a warning; `max_skipped_updates` in a row raise FloatingPointError. With fp16 the GradScaler still sees
-        the overflow, so it lowers its loss scale. Returns whether an update was applied.
+        a warning; `max_skipped_updates` in a row raise FloatingPointError. With fp16 the GradScaler sees the
+        overflow and halves its loss scale; such skips count only once the scale has fallen below 1 (a NaN
+        that no scale fixes, after ~16 halvings from 65536). Returns whether an update was applied.
         """
         if not self.accelerator.sync_gradients:
             return False
         norm = float(self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm))
         self._last_grad_norm = norm
         if not math.isfinite(norm):
-            if self.accelerator.scaler is not None:
+            scaler = self.accelerator.scaler
+            if scaler is not None:
                 self.optimizer.step()  # GradScaler: skips the step and lowers the loss scale
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_updates += 1
+            if scaler is not None and scaler.get_scale() >= 1.0:
+                # An fp16 overflow while the loss scale is still finding its level: routine, and not counted.
+                logger.info("update %d: fp16 gradient overflow, loss scale lowered to %g", self.updates + 1,
+                            scaler.get_scale())
+                return False
             self._skipped_in_a_row += 1
             limit = self.config.max_skipped_updates
             self.warn(f"update {self.updates + 1}: gradient norm is {norm}; update skipped "
