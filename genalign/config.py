@@ -384,7 +384,15 @@ def _coerce_union(value: Any, annotation: Any, key: str) -> Any:
     raise _type_error(key, annotation, value)
 
 
+# YAML 1.1 reads these words as booleans; a Literal that lists one of them as a string means that string.
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 def _coerce_literal(value: Any, allowed: tuple[Any, ...], key: str) -> Any:
+    if isinstance(value, bool) and value not in allowed:
+        for word in _YAML_BOOL_WORDS[value]:
+            if word in allowed:
+                return word
     for option in allowed:
         # Compare types too, so that True does not pass for Literal[1].
         if type(value) is type(option) and value == option:

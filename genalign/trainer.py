@@ -25,7 +25,7 @@ from typing import Annotated, Any, Iterator, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import GradScalerKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 
@@ -76,6 +76,8 @@ class TrainerConfig:
     ema: bool = False
     ema_decay: Annotated[float, AtLeast(0)] = 0.999
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # fp16's GradScaler starts at this loss scale and halves it on every overflowing update.
+    fp16_initial_loss_scale: Annotated[float, AtLeast(0, strict=True)] = 65536.0
     gradient_checkpointing: bool = False
     checkpoint_every: NonNegativeInt = 10
     keep_checkpoints: NonNegativeInt = 2
@@ -162,11 +164,13 @@ class Trainer:
     ) -> None:
         self.config = config
         self.run_dir = Path(config.output_dir)
+        scaler_kwargs = GradScalerKwargs(init_scale=config.fp16_initial_loss_scale)
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=accumulation_steps,
             # accelerate treats a torchrun launch as multi-CPU (gloo) only when told the run is CPU-only.
             cpu=not _has_accelerator(),
+            kwargs_handlers=[scaler_kwargs],
         )
         if self.accelerator.num_processes != launched_processes():
             # Pipelines sized gradient accumulation from WORLD_SIZE before the Accelerator existed.
@@ -175,7 +179,7 @@ class Trainer:
                 f"{launched_processes()}; launch with `accelerate launch` or `torchrun`, which set WORLD_SIZE"
             )
         if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
-            _enable_cpu_fp16(self.accelerator)
+            _enable_cpu_fp16(self.accelerator, scaler_kwargs)
         self._resume_path = self._check_run_folder(run_config)
         set_seed(config.seed)
         self.generator = generator
@@ -718,7 +722,7 @@ def _fsync_tree(root: Path) -> None:
     _fsync_dir(root)
 
 
-def _enable_cpu_fp16(accelerator: Accelerator) -> None:
+def _enable_cpu_fp16(accelerator: Accelerator, scaler_kwargs: GradScalerKwargs) -> None:
     """fp16 autocast with loss scaling on the CPU, which accelerate leaves off there.
 
     CPU training in fp16 is rarely what one wants (bf16 is the CPU's half precision), but with this the fp16
@@ -726,7 +730,7 @@ def _enable_cpu_fp16(accelerator: Accelerator) -> None:
     Must run before `prepare`, which hands the scaler to the optimizer wrapper.
     """
     accelerator.native_amp = True
-    accelerator.scaler = torch.amp.GradScaler("cpu")
+    accelerator.scaler = torch.amp.GradScaler("cpu", **scaler_kwargs.to_kwargs())
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:

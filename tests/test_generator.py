@@ -217,3 +217,74 @@ def test_transformer_denoiser_samples_with_exact_log_probs_and_round_trips(tmp_p
     loaded = DiffusionGenerator.from_pretrained(tmp_path / "dit")
     assert isinstance(loaded.denoiser, PixArtTransformer2DModel) and loaded.use_encoder_attention_mask
     assert torch.allclose(loaded.sample(PROMPTS, options, seeds=SEEDS).images, rollout.images, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_log_probs_score_the_stored_state(dtype):
+    """The recorded log-prob is of the state as stored in the model dtype, so re-evaluation gives ratio 1.
+
+    Scoring the un-rounded state instead put |log ρ| at ~1e-2 (bf16) before any update (mean reduction)."""
+    gen = DiffusionGenerator.from_pipeline(_pipe("sd")).to(dtype=dtype)
+    options = SamplingOptions(num_inference_steps=6, guidance_scale=3.0, eta=1.0, log_prob_reduction="mean")
+    traj = gen.sample(PROMPTS * 2, options, seeds=list(range(6))).trajectory
+    recomputed = gen.log_prob(traj, torch.arange(6), reduction="mean")
+    assert (recomputed.double() - traj.log_probs.double()).abs().max() < 1e-4 / 10  # a tenth of DDPO's ε
+    assert traj.latents.dtype == dtype and traj.log_probs.dtype == torch.float64
+
+
+def test_summed_log_prob_of_an_sd_sized_latent_is_exact_to_float64():
+    """A 4×64×64 latent summed: |log p| ≈ 1e4, where float32 resolves only ~1e-3 (ten times PPO's ε)."""
+    torch.manual_seed(0)
+    mean = torch.randn(2, 4, 64, 64)
+    std = torch.full((2, 1, 1, 1), 0.05)
+    sample = mean + std * torch.randn_like(mean)
+    ours = gaussian_log_prob(sample, mean, std, "sum")
+    exact = torch.distributions.Normal(mean.double(), std.double()).log_prob(sample.double()).flatten(1).sum(1)
+    assert ours.dtype == torch.float64
+    assert (ours - exact).abs().max() < 1e-8
+
+
+def test_model_index_cannot_import_arbitrary_modules(tmp_path, monkeypatch):
+    """model_index.json names a library and class per component; only diffusers/transformers/genalign may be
+    imported from it, so a downloaded folder cannot run code from another installed module."""
+    import json
+    import sys
+
+    package = tmp_path / "pkgs"
+    package.mkdir()
+    (package / "planted_module.py").write_text(
+        "IMPORTED = True\nclass Planted:\n    @classmethod\n    def from_pretrained(cls, *a, **k):\n        raise SystemExit('ran')\n"
+    )
+    monkeypatch.syspath_prepend(str(package))
+    _pipe("sd").save_pretrained(tmp_path / "model")
+    index_path = tmp_path / "model" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["vae"] = ["planted_module", "Planted"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="may only come from diffusers, transformers, genalign"):
+        DiffusionGenerator.from_pretrained(tmp_path / "model")
+    assert "planted_module" not in sys.modules
+
+
+class _CallRecorder:
+    """Counts denoiser forward calls and whether each ran with gradients enabled."""
+
+    def __init__(self, module):
+        self.grad_enabled = []
+        module.register_forward_pre_hook(lambda *_: self.grad_enabled.append(torch.is_grad_enabled()))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_differentiable_sampling_runs_early_steps_without_grad_and_recomputes_checkpointed_ones(checkpoint):
+    gen = DiffusionGenerator.from_pipeline(_pipe("sd"))
+    gen.denoiser.requires_grad_(False)
+    gen.denoiser.conv_out.requires_grad_(True)
+    calls = _CallRecorder(gen.denoiser)
+    options = SamplingOptions(num_inference_steps=5, guidance_scale=1.0, eta=0.0)
+    out = gen.sample_differentiable(PROMPTS, options, grad_steps=2, seeds=SEEDS, checkpoint=checkpoint)
+    # Forward: 3 untracked steps without autograd, then the 2 tracked ones with it.
+    assert calls.grad_enabled == [False, False, False, True, True]
+    out.images.mean().backward()
+    # Backward: each checkpointed denoiser call runs once more (recomputation); without checkpointing none.
+    assert len(calls.grad_enabled) == 5 + (2 if checkpoint else 0)
+    assert gen.denoiser.conv_out.weight.grad.abs().sum() > 0

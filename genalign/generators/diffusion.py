@@ -406,7 +406,11 @@ class DiffusionGenerator:
 
     def negative_embeds(self, batch: int, height: int, width: int, negative_prompt: str = "") -> PromptEmbeds:
         """Unconditional embeddings for CFG: the encoded negative prompt, or zeros (SDXL default)."""
-        key = (negative_prompt, height, width)
+        # Keyed by the autocast state too: embeddings encoded under autocast differ in their last bits, and a
+        # cache filled in one context and read in another made resumed runs differ from uninterrupted ones.
+        device_type = self.device.type
+        autocast = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+        key = (negative_prompt, height, width, autocast)
         if key not in self._empty_cache:
             if self.force_zeros_for_empty_prompt and negative_prompt == "":
                 ref = self.encode_prompts([""], height, width)
