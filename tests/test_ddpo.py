@@ -183,13 +183,16 @@ def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
     normalisation cannot amplify float32 reduction-order noise (which it does, to ~1e-3 after 4 updates)."""
     worker = ROOT / "tests" / "helpers" / "ddpo_worker.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = [str(tiny_sd_dir), "model.dtype=float64"]
-    subprocess.run([sys.executable, str(worker), args[0], str(tmp_path / "one"), "train_batch_size=2", args[1]],
-                   check=True, env=env, capture_output=True)
+    # Inner epochs reshuffle samples across processes (their trajectories are gathered); the cosine schedule
+    # must step once per update, not once per process; 3 held-out samples split 2 + 1 over the processes.
+    overrides = ["model.dtype=float64", "inner_epochs=2", "trainer.lr_schedule=cosine", "trainer.lr_warmup_steps=1",
+                 "eval.every=1", "prompts.eval_prompts=[a red circle, a blue square, two green stars]"]
+    subprocess.run([sys.executable, str(worker), str(tiny_sd_dir), str(tmp_path / "one"), "train_batch_size=2", *overrides],
+                   check=True, env=env, capture_output=True, timeout=600)
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         str(worker), args[0], str(tmp_path / "two"), "train_batch_size=1", args[1]],
-        check=True, env=env, capture_output=True,
+         str(worker), str(tiny_sd_dir), str(tmp_path / "two"), "train_batch_size=1", *overrides],
+        check=True, env=env, capture_output=True, timeout=600,
     )
     one, two = _weights(tmp_path / "one", 1), _weights(tmp_path / "two", 1)
     assert one.keys() == two.keys()
@@ -203,9 +206,11 @@ def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
     log_two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(log_two) == len(log_one)
     for a, b in zip(log_one, log_two):
-        for key in ("reward_mean", "reward_std", "loss", "ratio_first_max_deviation", "lr"):
+        for key in ("reward_mean", "reward_std", "loss", "ratio_first_max_deviation", "lr", "eval_reward_mean"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    # After 4 of 8 updates (1 of them warm-up) the cosine is 3/7 of the way down; after 8 it is at 0.
+    assert [r["lr"] for r in log_two[1:]] == pytest.approx([0.5e-3 * (1 + np.cos(np.pi * 3 / 7)), 0.0])
 
 
 def test_ddpo_raises_jpeg_incompressibility(pretrained_tiny_dir, tmp_path):
@@ -236,3 +241,78 @@ def test_ddpo_raises_jpeg_incompressibility(pretrained_tiny_dir, tmp_path):
     train = [r["reward_mean"] for r in log[1:]]
     assert np.mean(train[-3:]) > np.mean(train[:3]) + spread
     assert all(r["ratio_first_max_deviation"] < 1e-9 for r in log[1:])
+
+
+def _run_log(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("precision", [("bfloat16", "bf16"), ("float16", "fp16")])
+def test_half_precision_first_ratios_are_round_off_below_a_tenth_of_clip_range(tiny_sd_dir, tmp_path, precision):
+    """Half-precision weights with the matching autocast, mean reduction (DDPO's default): before the first
+    update of each epoch, max |ρ − 1| over every trained step must stay far below ε, or the clipping decisions
+    of the first update are noise. Scoring the un-rounded state put it at ~1e-2."""
+    dtype, mixed = precision
+    config = tiny_config(tiny_sd_dir, tmp_path / "run", epochs=2,
+                         **{"model.dtype": dtype, "trainer.mixed_precision": mixed})
+    assert config.sampling.log_prob_reduction == "mean"
+    DDPOPipeline(config, reward=CountingReward()).train()
+    deviations = [r["ratio_first_max_deviation"] for r in _run_log(tmp_path / "run")[1:]]
+    assert max(deviations) < config.clip_range / 10, deviations
+    assert not (tmp_path / "run" / "warnings.log").exists()
+
+
+def test_inner_epochs_reshuffle_the_samples_and_redraw_their_training_steps(tiny_sd_dir, tmp_path, monkeypatch):
+    config = tiny_config(tiny_sd_dir, tmp_path / "run", epochs=1, inner_epochs=2, updates_per_epoch=2,
+                         timestep_fraction=0.5, prompts_per_epoch=4, samples_per_prompt=2,
+                         **{"sampling.num_inference_steps": 4})
+    pipeline = DDPOPipeline(config, reward=CountingReward())
+    calls = []  # (sample identity, step) of every training evaluation, in order
+    evaluate = pipeline.generator.step_log_prob
+
+    def recording(batch, step_index, **kwargs):
+        if torch.is_grad_enabled():
+            for x_T, step in zip(batch.latents[:, 0], step_index.tolist()):
+                calls.append((round(float(x_T.sum()), 4), step))
+        return evaluate(batch, step_index, **kwargs)
+
+    monkeypatch.setattr(pipeline.generator, "step_log_prob", recording)
+    pipeline.train()
+    # 8 samples × 2 of 4 steps, per inner epoch; each update holds 4 samples.
+    inner = [calls[:16], calls[16:]]
+    steps = [{(sample, step) for sample, step in part} for part in inner]
+    assert {s for s, _ in inner[0]} == {s for s, _ in inner[1]}  # the same samples…
+    assert steps[0] != steps[1]  # …trained on other steps
+    updates = [[frozenset(s for s, _ in part[:8]), frozenset(s for s, _ in part[8:])] for part in inner]
+    assert set(updates[0]) != set(updates[1])  # …grouped into other updates
+
+
+def test_ddpo_defaults_to_mean_reduction_and_warns_about_sum(tiny_sd_dir, tmp_path):
+    assert DDPOConfig().sampling.log_prob_reduction == "mean"
+    config = tiny_config(tiny_sd_dir, tmp_path / "run", epochs=1, **{"sampling.log_prob_reduction": "sum"})
+    with pytest.warns(RuntimeWarning, match="calibrated for sampling.log_prob_reduction=mean"):
+        DDPOPipeline(config, reward=CountingReward()).train()
+
+
+def test_a_first_ratio_off_one_is_caught_by_its_largest_deviation(tiny_sd_dir, tmp_path, monkeypatch):
+    """Per-sample log-prob errors of ±5e-5 average out in the batch-mean ratio; max |ρ − 1| sees them."""
+    config = tiny_config(tiny_sd_dir, tmp_path / "run", epochs=1)
+    pipeline = DDPOPipeline(config, reward=CountingReward())
+    evaluate = pipeline.generator.step_log_prob
+
+    def perturbed(batch, step_index, **kwargs):
+        signs = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(len(batch))[: len(batch)]
+        return evaluate(batch, step_index, **kwargs) + 5e-5 * signs
+
+    monkeypatch.setattr(pipeline.generator, "step_log_prob", perturbed)
+    with pytest.warns(RuntimeWarning, match="importance ratio is off 1 by up to 5"):
+        pipeline.train()
+
+
+def test_kl_after_update_is_exactly_zero_at_learning_rate_zero(tiny_sd_dir, tmp_path):
+    """`approx_kl_after_update > 0` holds for any change at all; with nothing learned it must be exactly 0."""
+    config = tiny_config(tiny_sd_dir, tmp_path / "run", epochs=1,
+                         **{"trainer.learning_rate": 0.0, "trainer.weight_decay": 0.0})
+    DDPOPipeline(config, reward=CountingReward()).train()
+    last = _run_log(tmp_path / "run")[-1]
+    assert last["approx_kl_after_update"] == 0 and last["ratio_first_max_deviation"] == 0

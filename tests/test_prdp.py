@@ -343,3 +343,25 @@ def test_prdp_raises_jpeg_incompressibility(pretrained_tiny_dir, tmp_path):
     train = [r["reward_mean"] for r in log[1:]]
     assert np.mean(train[-3:]) > np.mean(train[:3]) + spread
     assert all(r["reference_logprob_mismatch"] < 1e-4 for r in log[1:])
+
+
+def test_values_pass_equals_the_gradient_pass_after_the_weights_changed(tiny_sd_dir, tmp_path):
+    """The no-grad values pass (updates 2…K) must see the current weights, exactly as the backward pass does."""
+    pipeline, trainer, trajectory, steps = _trainer_and_rollout(tiny_sd_dir, tmp_path, **{"trainer.learning_rate": 1e-2})
+    coefficients = torch.linspace(-1, 1, len(trajectory) * len(steps), dtype=torch.float64).view(len(trajectory), -1)
+    before = pipeline._backward(trainer, trajectory, steps, coefficients)  # a real update
+    values = pipeline._step_log_probs(trainer, trajectory, steps)
+    assert (values - before).abs().max() > 1e-4  # the update moved the log-probs
+    trainer.optimizer_step = lambda: False
+    during_backward = pipeline._backward(trainer, trajectory, steps, torch.zeros_like(coefficients))
+    assert torch.equal(values, during_backward)
+
+
+def test_kl_diagnostics_are_exactly_zero_when_nothing_is_learned(tiny_sd_dir, tmp_path):
+    """`kl_epoch_start > 0` holds for any change; at learning rate 0 it must be exactly 0 (and the same
+    diagnostics are positive in test_run_logs_learning_signals_and_kl)."""
+    config = tiny_config(tiny_sd_dir, tmp_path / "run", epochs=1, updates_per_epoch=2, samples_per_prompt=3,
+                         probe_prompts=2, **{"trainer.learning_rate": 0.0, "trainer.weight_decay": 0.0})
+    PRDPPipeline(config, reward=TwoObjectiveReward()).train()
+    last = _log(tmp_path / "run")[-1]
+    assert last["kl_epoch_start"] == 0 and last["clipped_step_fraction"] == 0 and last["reference_logprob_mismatch"] == 0
