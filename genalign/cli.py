@@ -45,7 +45,7 @@ def load_run_generator(run_dir: str | Path, checkpoint: str = "latest", trained:
         path = resolve_checkpoint(checkpoint, Path(run_dir))
         if path is None:
             raise ConfigError(f"run '{run_dir}' has no checkpoint yet; train longer or pass --base")
-        load_trained_weights(generator.denoiser, config.trainer, path, use_ema=use_ema)
+        load_trained_weights(generator, config.trainer, path, use_ema=use_ema)
     return generator, config
 
 
@@ -72,30 +72,31 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from genalign.engine import build_reward, read_prompt_file
-    from genalign.gallery import to_pil
+def _run_prompts(path: str | None, config) -> list[str]:
+    """The prompts to sample: a file's, or the run's evaluation prompts (the empty one when unconditional)."""
+    from genalign.engine import load_prompts, read_prompt_file
 
-    prompts = read_prompt_file(args.prompts)
+    return read_prompt_file(path) if path else load_prompts(config.prompts)[1]
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from genalign.engine import build_reward
+    from genalign.writers import write_samples
+
     generator, config = load_run_generator(args.run, args.checkpoint, trained=not args.base,
                                            use_ema=not args.raw_weights)
+    prompts = _run_prompts(args.prompts, config)
     generator.to(_device())
     reward = build_reward(config.reward)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     batch = [p for p in prompts for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(batch))]
-    rollout = generator.sample(
-        batch, config.sampling.options(), seeds=seeds, batch_size=config.sampling.batch_size, return_trajectory=False
-    )
-    scores = reward(rollout.images, rollout.prompts).rewards
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-        for i, (prompt, seed) in enumerate(zip(batch, seeds)):
-            name = f"{i:05d}.png"
-            to_pil(rollout.images[i]).save(out / name)
-            score = scores[i].tolist()
-            f.write(json.dumps({"file": name, "prompt": prompt, "seed": seed, config.reward.name: score}) + "\n")
-    print(f"wrote {len(batch)} images to {out}")
+    rollout = generator.sample(batch, config.sampling.options(generator), seeds=seeds,
+                               batch_size=config.sampling.batch_size, return_trajectory=False)
+    scores = reward(rollout.outputs, rollout.texts).rewards
+    records = [{"prompt": prompt, "seed": seed, config.reward.name: scores[i].tolist()}
+               for i, (prompt, seed) in enumerate(zip(batch, seeds))]
+    write_samples(rollout, generator, Path(args.out), records)
+    print(f"wrote {len(batch)} {rollout.modality} samples to {args.out}")
     return 0
 
 
@@ -108,14 +109,14 @@ def _gold_label(verdict: dict[str, float]) -> str:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from genalign.engine import build_gold, build_reward, load_prompts, read_prompt_file, total_reward
-    from genalign.gallery import GalleryImage, PromptRow, write_gallery
+    from genalign.engine import build_gold, build_reward, total_reward
+    from genalign.gallery import PromptRow, write_gallery
+    from genalign.writers import gallery_samples
 
     run = Path(args.run)
     base, config = load_run_generator(run, trained=False)
     tuned, _ = load_run_generator(run, args.checkpoint, trained=True, use_ema=not args.raw_weights)
-    prompts = read_prompt_file(args.prompts) if args.prompts else load_prompts(config.prompts)[1]
-    prompts = prompts[: args.max_prompts]
+    prompts = _run_prompts(args.prompts, config)[: args.max_prompts]
     reward = build_reward(config.reward)
     gold = build_gold(config.eval.gold)
     batch = [p for p in prompts for _ in range(args.n)]
@@ -124,34 +125,22 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     results = {}
     for name, generator in (("before", base), ("after", tuned)):
         generator.to(device)
-        rollout = generator.sample(
-            batch, config.sampling.options(), seeds=seeds, batch_size=config.sampling.batch_size,
-            return_trajectory=False,
-        )
-        scores = total_reward(reward(rollout.images, rollout.prompts).rewards).cpu()
-        verdicts = {k: v.cpu() for k, v in gold(rollout.images, rollout.prompts).items()} if gold else {}
+        rollout = generator.sample(batch, config.sampling.options(generator), seeds=seeds,
+                                   batch_size=config.sampling.batch_size, return_trajectory=False)
+        scores = total_reward(reward(rollout.outputs, rollout.texts).rewards).cpu()
+        verdicts = {k: v.cpu() for k, v in gold(rollout.outputs, rollout.texts).items()} if gold else {}
         labels = [
             {"seed": str(seed), **({"gold": _gold_label({k: float(v[i]) for k, v in verdicts.items()})} if gold else {})}
             for i, seed in enumerate(seeds)
         ]
-        results[name] = (rollout.images.cpu(), scores, labels, verdicts)
-    rows = []
-    for p, prompt in enumerate(prompts):
-        sl = slice(p * args.n, (p + 1) * args.n)
-        rows.append(
-            PromptRow(
-                prompt=prompt,
-                **{
-                    name: [
-                        GalleryImage(image=img, reward=float(r), labels=label)
-                        for img, r, label in zip(images[sl], scores[sl], labels[sl])
-                    ]
-                    for name, (images, scores, labels, _) in results.items()
-                },
-            )
-        )
+        results[name] = (gallery_samples(rollout, generator, scores.tolist(), labels), scores, verdicts)
+    rows = [
+        PromptRow(prompt=prompt or "(unconditional)",
+                  **{name: samples[p * args.n : (p + 1) * args.n] for name, (samples, _, _) in results.items()})
+        for p, prompt in enumerate(prompts)
+    ]
     summary: dict[str, float | str] = {"reward": config.reward.name}
-    for name, (_, scores, _, verdicts) in results.items():
+    for name, (_, scores, verdicts) in results.items():
         summary[f"mean reward {name}"] = float(scores.mean())
         for key, value in verdicts.items():
             summary[f"gold {key} {name}"] = float(value.mean())
@@ -182,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.learning_rate=1e-4")
     finetune.set_defaults(func=cmd_finetune)
 
-    sample = sub.add_parser("sample", help="sample images from a fine-tuned run")
+    sample = sub.add_parser("sample", help="sample from a fine-tuned run (images as PNG, sequences as FASTA)")
     sample.add_argument("--run", required=True, help="a finetune run folder (trainer.output_dir)")
-    sample.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    sample.add_argument("--prompts", help="text file, one prompt per line (default: the run's eval prompts)")
     sample.add_argument("--n", type=int, default=4, help="samples per prompt")
     sample.add_argument("--out", required=True, help="folder for PNGs and samples.jsonl")
     sample.add_argument("--seed", type=int, default=0)

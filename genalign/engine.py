@@ -1,12 +1,16 @@
-"""Pieces every diffusion pipeline shares: config sections, model/prompt/reward loading, epoch plans, evaluation.
+"""What every pipeline shares: config sections, model/prompt/reward loading, epoch plans, the sample → score →
+gather step, evaluation, and the end of an epoch (evaluate, log, checkpoint).
 
-The epoch plan is what makes runs reproducible across process counts: each global sample index has its own
-prompt and noise seed, and the processes split the indices so that every optimiser update sees the same set
-of samples whether 1 or N processes run (see `EpochPlan`).
+Pipelines know a model only through the generator protocol (`genalign.generators.base`), so everything here
+works for any model family. The epoch plan is what makes runs reproducible across process counts: each global
+sample index has its own condition and noise seed, and the processes split the indices so that every optimiser
+update sees the same set of samples whether 1 or N processes run (see `EpochPlan`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
@@ -15,17 +19,20 @@ import numpy as np
 import torch
 
 from genalign.config import ConfigError, PositiveInt, to_dict
-from genalign.generators.diffusion import DiffusionGenerator, Rollout, SamplingOptions, Trajectory
-from genalign.trainer import Trainer, TrainerConfig
+from genalign.generators import detect_family, generator_class
+from genalign.generators.base import Conditions, Generator, Rollout, Trajectory
+from genalign.trainer import ParameterGroup, Trainer, TrainerConfig
 
 T = TypeVar("T")
 
 
 @dataclass
 class ModelConfig:
-    """Which model to fine-tune: a diffusers folder or hub id (SD 1.x/2.x or SDXL layout)."""
+    """Which model to fine-tune: a folder or hub id, and its family ("auto" tells it from the folder:
+    model_index.json → diffusion, a masked model's config.json → masked; a hub id → diffusion)."""
 
     pretrained: str = "runs/worlds/tiny-sd"
+    family: Literal["auto", "diffusion", "masked"] = "auto"
     revision: str | None = None
     scheduler: Literal["ddim", "ddpm"] | None = None
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
@@ -33,12 +40,14 @@ class ModelConfig:
 
 @dataclass
 class PromptConfig:
-    """Training prompts (a file with one prompt per line, or a list) and held-out evaluation prompts."""
+    """Training prompts (a file with one prompt per line, or a list) and held-out evaluation prompts. An
+    unconditional model (e.g. a masked sequence model) sets `unconditional: true` and gives no prompts."""
 
     file: str | None = None
     prompts: list[str] = field(default_factory=list)
     eval_file: str | None = None
     eval_prompts: list[str] = field(default_factory=list)
+    unconditional: bool = False
 
 
 @dataclass
@@ -51,25 +60,34 @@ class RewardConfig:
 
 @dataclass
 class SamplingConfig:
-    """Sampler settings; `log_prob_reduction` is "sum" (the true density) or "mean" over latent elements."""
+    """Sampler settings. `num_inference_steps`, `log_prob_reduction` ("sum" = the true density, or "mean" over
+    the state's elements) and `batch_size` apply to every family; the rest to one family each, and None means
+    that family's default: guidance_scale, eta, height, width, negative_prompt (diffusion), temperature, length
+    (masked). Setting one that the model's family does not have is an error."""
 
     num_inference_steps: PositiveInt = 10
-    guidance_scale: float = 5.0
-    eta: float = 1.0
     log_prob_reduction: Literal["sum", "mean"] = "sum"
+    batch_size: PositiveInt = 16
+    guidance_scale: float | None = None
+    eta: float | None = None
     height: PositiveInt | None = None
     width: PositiveInt | None = None
-    batch_size: PositiveInt = 16
+    negative_prompt: str | None = None
+    temperature: float | None = None
+    length: PositiveInt | None = None
 
-    def options(self) -> SamplingOptions:
-        return SamplingOptions(
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            eta=self.eta,
-            log_prob_reduction=self.log_prob_reduction,
-            height=self.height,
-            width=self.width,
-        )
+    def options(self, generator: Generator) -> Any:
+        """The generator's own sampling options with these settings."""
+        defaults = generator.default_options()
+        known = {f.name for f in dataclasses.fields(defaults)}
+        values = {k: v for k, v in to_dict(self).items() if k != "batch_size" and v is not None}
+        foreign = sorted(set(values) - known)
+        if foreign:
+            raise ConfigError(
+                f"sampling.{foreign[0]} does not apply to a {type(generator).__name__}; its sampling settings are "
+                f"{', '.join(sorted(known))} (remove sampling.{foreign[0]} from the config)"
+            )
+        return dataclasses.replace(defaults, **values)
 
 
 @dataclass
@@ -95,13 +113,17 @@ class EvalConfig:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def build_generator(config: ModelConfig) -> DiffusionGenerator:
-    return DiffusionGenerator.from_pretrained(
-        config.pretrained,
-        torch_dtype=_DTYPES[config.dtype],
-        revision=config.revision,
-        scheduler=config.scheduler,
-    )
+def build_generator(config: ModelConfig) -> Generator:
+    """The configured model, loaded through its family's `from_pretrained`."""
+    family = detect_family(config.pretrained) if config.family == "auto" else config.family
+    cls = generator_class(family)
+    if family == "diffusion":
+        return cls.from_pretrained(config.pretrained, torch_dtype=_DTYPES[config.dtype], revision=config.revision,
+                                   scheduler=config.scheduler)
+    for key in ("revision", "scheduler"):
+        if getattr(config, key) is not None:
+            raise ConfigError(f"model.{key} applies to diffusers models only; remove it for a {family} model")
+    return cls.from_pretrained(config.pretrained, torch_dtype=_DTYPES[config.dtype])
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -116,10 +138,16 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 def load_prompts(config: PromptConfig) -> tuple[list[str], list[str]]:
-    """(training prompts, eval prompts). Eval prompts default to the training prompts."""
+    """(training prompts, eval prompts). Eval prompts default to the training prompts; an unconditional model
+    has the one empty condition."""
+    if config.unconditional:
+        if config.file or config.prompts or config.eval_file or config.eval_prompts:
+            raise ConfigError("prompts.unconditional=true takes no prompts; remove prompts.file/prompts/eval_*")
+        return [""], [""]
     train = read_prompt_file(config.file) if config.file else list(config.prompts)
     if not train:
-        raise ConfigError("no training prompts: set prompts.file to a text file or prompts.prompts to a list")
+        raise ConfigError("no training prompts: set prompts.file to a text file or prompts.prompts to a list "
+                          "(or prompts.unconditional=true for an unconditional model)")
     evaluation = read_prompt_file(config.eval_file) if config.eval_file else list(config.eval_prompts)
     return train, evaluation or train
 
@@ -142,11 +170,24 @@ def build_gold(config: GoldConfig):
         raise ConfigError(f"eval.gold: {exc}") from exc
 
 
+def check_modality(reward, generator: Generator) -> None:
+    """A reward must read what the generator makes (images, audio, sequences)."""
+    modality = getattr(reward, "modality", None)
+    if modality is not None and modality != generator.modality:
+        raise ConfigError(
+            f"reward '{getattr(reward, 'name', type(reward).__name__)}' scores {modality} outputs but the model "
+            f"({type(generator).__name__}) generates {generator.modality}; pick a {generator.modality} reward"
+        )
+
+
+# ----------------------------------------------------------------------------------- epochs across processes
+
+
 @dataclass
 class EpochPlan:
     """Which samples one epoch draws, and which process draws (and trains on) which.
 
-    Global sample i has prompt `prompt_index[i]` and noise seed `seeds[i]`, independent of the number of
+    Global sample i has condition `prompt_index[i]` and noise seed `seeds[i]`, independent of the number of
     processes. A seeded permutation `order` of the N global samples is dealt round-robin: process p holds
     `order[p::P]`, so its j-th local sample is `order[j·P + p]`. An update that takes local positions
     [a, b) on every process therefore trains on `order[a·P : b·P]` — the same global set for any P.
@@ -188,9 +229,32 @@ class EpochPlan:
         order = rng.permutation(n)
         return cls(prompt_index, seeds, order, order[process_index::num_processes])
 
+    def __len__(self) -> int:
+        return len(self.prompt_index)
+
     def stream(self, name: str, global_index: int, *key: int) -> np.random.Generator:
         """A random stream private to one global sample (e.g. its training timesteps in inner epoch `key`)."""
         return np.random.default_rng([int(self.seeds[global_index]), sum(map(ord, name)), *map(int, key)])
+
+
+def split_batch(total: int, num_processes: int, micro_batch: int, *, parts: int = 1,
+                names: tuple[str, str] = ("samples per epoch", "train_batch_size")) -> tuple[int, int]:
+    """(samples per process and part, micro-batches in it) for `total` samples split over processes and into
+    `parts` updates; a clear error naming the settings when they do not divide."""
+    what, batch_key = names
+    if total % (num_processes * parts):
+        raise ConfigError(
+            f"{total} {what} must split evenly over {num_processes} process(es)" + (f" × {parts} updates" if parts > 1
+                                                                                   else "")
+            + "; change prompts_per_epoch or samples_per_prompt"
+        )
+    per_part = total // num_processes // parts
+    if per_part % micro_batch:
+        raise ConfigError(
+            f"each process trains on {per_part} samples per update, not a multiple of {batch_key}={micro_batch}; "
+            f"pick a divisor of {per_part}"
+        )
+    return per_part, per_part // micro_batch
 
 
 def gather_rows(trainer: Trainer, values: torch.Tensor, global_index, total: int) -> torch.Tensor:
@@ -221,7 +285,7 @@ def gather_rows(trainer: Trainer, values: torch.Tensor, global_index, total: int
 
 def gather_in_order(trainer: Trainer, values: torch.Tensor, plan: EpochPlan) -> torch.Tensor:
     """Every process's rows of `values` (one per local sample of `plan`), gathered in global sample order."""
-    return gather_rows(trainer, values, plan.local, len(plan.prompt_index))
+    return gather_rows(trainer, values, plan.local, len(plan))
 
 
 def gather_trajectory(trainer: Trainer, trajectory: Trajectory, plan: EpochPlan) -> Trajectory:
@@ -236,6 +300,8 @@ def on_every_process(trainer: Trainer, compute: Callable[[], T], what: str = "th
     failed. Every process must call it at the same point; the failing one re-raises its own error, the
     others raise a RewardError that quotes it.
     """
+    from accelerate.utils import gather_object
+
     from rewards import RewardError
 
     error: Exception | None = None
@@ -246,8 +312,6 @@ def on_every_process(trainer: Trainer, compute: Callable[[], T], what: str = "th
         error = caught
     if not trainer.any_process(error is not None):
         return result
-    from accelerate.utils import gather_object
-
     failed = [message for message in gather_object([None if error is None else f"{type(error).__name__}: {error}"])
               if message is not None]
     if error is None:
@@ -272,10 +336,10 @@ def reward_metrics(values: torch.Tensor, objectives: tuple[str, ...], prefix: st
 
 
 def evaluate(
-    generator: DiffusionGenerator,
+    generator: Generator,
     reward,
     prompts: list[str],
-    options: SamplingOptions,
+    options: Any,
     *,
     samples_per_prompt: int,
     seed: int,
@@ -299,14 +363,11 @@ def evaluate(
         if not mine:
             return torch.zeros((0, *width), device=generator.device), {}
         rollout = generator.sample(
-            [all_prompts[i] for i in mine],
-            options,
-            seeds=[seeds[i] for i in mine],
-            batch_size=batch_size,
+            [all_prompts[i] for i in mine], options, seeds=[seeds[i] for i in mine], batch_size=batch_size,
             return_trajectory=False,
         )
-        values = reward(rollout.images, rollout.prompts).rewards.float()
-        verdicts = {} if gold is None else {k: v.float() for k, v in gold(rollout.images, rollout.prompts).items()}
+        values = reward(rollout.outputs, rollout.texts).rewards.float()
+        verdicts = {} if gold is None else {k: v.float() for k, v in gold(rollout.outputs, rollout.texts).items()}
         return values, verdicts
 
     if trainer is None:
@@ -330,9 +391,12 @@ def evaluate(
     return metrics
 
 
+# ----------------------------------------------------------------------------------- the pipeline base
+
+
 @dataclass
-class DiffusionPipelineConfig:
-    """The sections every diffusion pipeline's config has; a pipeline's config adds its method's settings."""
+class PipelineConfig:
+    """The sections every pipeline's config has; a pipeline's config adds its method's settings."""
 
     pipeline: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -344,22 +408,49 @@ class DiffusionPipelineConfig:
     epochs: PositiveInt = 10
 
 
-class DiffusionPipeline:
-    """What every diffusion pipeline holds: its config, prompts, generator and reward.
+@dataclass
+class EpochSamples:
+    """One epoch's samples on this process, scored: the rollout of its local share and every process's
+    rewards in global order ([N] or [N, K])."""
+
+    plan: EpochPlan
+    rollout: Rollout
+    global_scores: torch.Tensor
+
+
+class Pipeline:
+    """What every pipeline holds: its config, prompts, generator, sampling options and reward.
 
     A method subclasses it and writes its own `train()` top to bottom; pass `generator` / `reward` objects to
     use your own instead of building them from the config.
     """
 
-    def __init__(self, config: DiffusionPipelineConfig, generator: DiffusionGenerator | None = None, reward=None):
+    def __init__(self, config: PipelineConfig, generator: Generator | None = None, reward=None):
         self.config = config
         self.prompts, self.eval_prompts = load_prompts(config.prompts)
         self.generator = generator or build_generator(config.model)
+        self.options = config.sampling.options(self.generator)
         self.reward = reward or build_reward(config.reward)
+        check_modality(self.reward, self.generator)
         self.gold = build_gold(config.eval.gold)
 
-    def start_training(self, *, accumulation_steps: int, total_updates: int) -> tuple[Trainer, int, dict[str, Any]]:
-        """The run's `Trainer`, with the config saved in the run folder and a checkpoint restored if
+    def trainable_steps(self) -> np.ndarray:
+        """Indices of the sampling steps with a density (what policy-gradient methods train on)."""
+        steps = np.flatnonzero(self.generator.trainable_steps(self.options).cpu().numpy())
+        if len(steps) == 0:
+            raise ConfigError(f"{self.config.pipeline} trains on steps with a density, and these sampling settings "
+                              "have none (diffusion: eta > 0 with DDIM, or a DDPM scheduler)")
+        return steps
+
+    def start_training(
+        self,
+        *,
+        accumulation_steps: int,
+        total_updates: int,
+        extra_parameters: dict[str, ParameterGroup] | None = None,
+        keep_reference: bool = False,
+    ) -> tuple[Trainer, int, dict[str, Any]]:
+        """The run's `Trainer` (which checks and claims the run folder), with a checkpoint restored if
         `trainer.resume` asks for one; a fresh run first logs the base model's held-out evaluation (step −1).
 
         Returns:
@@ -372,6 +463,8 @@ class DiffusionPipeline:
             accumulation_steps=accumulation_steps,
             total_updates=total_updates,
             run_config=to_dict(c),
+            extra_parameters=extra_parameters,
+            keep_reference=keep_reference,
         )
         start, state = trainer.resume_if_requested()
         if start == 0:
@@ -390,10 +483,42 @@ class DiffusionPipeline:
             process_index=trainer.process_index,
         )
 
+    def conditions(self, plan: EpochPlan, global_indices) -> Conditions:
+        """The conditions of the given global samples of `plan`."""
+        return Conditions.coerce([self.prompts[plan.prompt_index[i]] for i in global_indices])
+
+    def sample_and_score(self, trainer: Trainer, plan: EpochPlan) -> EpochSamples:
+        """Sample this process's share of the epoch (with log-probs, under the training autocast so that recorded
+        and re-evaluated log-probs agree), score it, and gather every process's rewards in global order."""
+        with trainer.autocast():
+            rollout = self.generator.sample(
+                self.conditions(plan, plan.local), self.options, seeds=plan.seeds[plan.local].tolist(),
+                batch_size=self.config.sampling.batch_size,
+            )
+        scores = on_every_process(trainer, lambda: self.reward(rollout.outputs, rollout.texts).rewards.float())
+        return EpochSamples(plan, rollout, gather_in_order(trainer, scores, plan))
+
+    def finish_epoch(self, trainer: Trainer, epoch: int, metrics: dict[str, float], state: dict[str, Any],
+                     started: float, samples: int) -> dict[str, float]:
+        """The end of every epoch: throughput, LR and gradient norm, the held-out evaluation when due, the log
+        record, and the checkpoint when due (with the pipeline's `state`). Returns the logged metrics."""
+        c = self.config
+        metrics = {
+            **metrics,
+            "samples_per_s": samples / (time.time() - started),
+            "lr": trainer.learning_rate,
+            "grad_norm": trainer.last_grad_norm,
+        }
+        if (epoch + 1) % c.eval.every == 0 or epoch + 1 == c.epochs:
+            metrics.update(self.evaluate(trainer))
+        trainer.log(metrics, step=epoch)
+        trainer.maybe_checkpoint(epoch, c.epochs, state)
+        return metrics
+
     def sample(self, prompts: list[str], seeds: list[int] | None = None) -> Rollout:
-        """Images from the current model with the run's sampler settings (images [B, 3, H, W] in [0, 1])."""
-        c = self.config.sampling
-        return self.generator.sample(prompts, c.options(), seeds=seeds, batch_size=c.batch_size, return_trajectory=False)
+        """Samples from the current model with the run's sampler settings."""
+        return self.generator.sample(prompts, self.options, seeds=seeds, batch_size=self.config.sampling.batch_size,
+                                     return_trajectory=False)
 
     def evaluate(self, trainer) -> dict[str, float]:
         """Held-out reward with fixed prompts and seeds (EMA weights if any), sharded over the processes."""
@@ -403,7 +528,7 @@ class DiffusionPipeline:
                 self.generator,
                 self.reward,
                 self.eval_prompts,
-                c.sampling.options(),
+                self.options,
                 samples_per_prompt=c.eval.samples_per_prompt,
                 seed=c.eval.seed,
                 batch_size=c.sampling.batch_size,

@@ -1,4 +1,4 @@
-"""Static HTML gallery of before/after samples with training-metric plots.
+"""Static HTML gallery of before/after samples (images, or sequences as text) with training-metric plots.
 
 The page is meant to be copied around and opened straight from disk (from a
 cluster, in a CI artifact, attached to a report), so it is a single HTML file
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 __all__ = [
-    "GalleryImage",
+    "GallerySample",
     "PromptRow",
     "read_metrics",
     "plot_metrics",
@@ -30,14 +30,15 @@ __all__ = [
 
 
 @dataclass
-class GalleryImage:
-    """One sample: a ``[3, H, W]`` float tensor in ``[0, 1]`` or a PIL image.
+class GallerySample:
+    """One sample: an image (a ``[3, H, W]`` float tensor in ``[0, 1]`` or a PIL image), or text (a decoded
+    sequence, shown in a monospace box).
 
-    ``labels`` carries extra per-sample text shown under the image, e.g.
+    ``labels`` carries extra per-sample text shown under the sample, e.g.
     ``{"seed": "3", "gold": "correct"}``.
     """
 
-    image: torch.Tensor | Image.Image
+    image: torch.Tensor | Image.Image | str
     reward: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -47,8 +48,8 @@ class PromptRow:
     """All samples for one prompt, from the model before and after fine-tuning."""
 
     prompt: str
-    before: list[GalleryImage]
-    after: list[GalleryImage]
+    before: list[GallerySample]
+    after: list[GallerySample]
 
 
 # --------------------------------------------------------------------------- io
@@ -202,6 +203,8 @@ figcaption { margin-top: 0.2em; }
 .label { color: #666; }
 img { max-width: 100%; height: auto; image-rendering: pixelated; border: 1px solid #ddd; }
 img.curves { image-rendering: auto; border: none; }
+pre.sequence { font-family: ui-monospace, monospace; font-size: 0.8em; max-width: 40em; white-space: pre-wrap;
+  word-break: break-all; text-align: left; background: #fff; border: 1px solid #ddd; padding: 0.4em; margin: 0; }
 .empty { color: #888; font-style: italic; }
 """
 
@@ -224,7 +227,7 @@ def _img_tag(src: str, alt: str, size: tuple[int, int], css_class: str = "") -> 
 
 def _grid_html(
     side: str,
-    samples: Sequence[GalleryImage],
+    samples: Sequence[GallerySample],
     prompt_idx: int,
     prompt: str,
     images_dir: Path,
@@ -236,22 +239,22 @@ def _grid_html(
         mean = f'<span class="mean">mean reward {_fmt(sum(rewards) / len(rewards))}</span>'
     parts = [f'<div class="side"><h3>{_esc(side)}{mean}</h3><div class="grid">']
     for i, sample in enumerate(samples):
-        img = _upscale(to_pil(sample.image), upscale_to)
-        # Names depend only on position, so re-running overwrites instead of
-        # piling up copies.
-        name = f"p{prompt_idx:03d}_{side}_{i:02d}.png"
-        _atomic_write(images_dir / name, lambda tmp, img=img: img.save(tmp, format="PNG"))
         caption = []
         if sample.reward is not None:
             caption.append(f'<div class="reward">reward {_fmt(float(sample.reward))}</div>')
         caption.extend(
             f'<div class="label">{_esc(k)}: {_esc(v)}</div>' for k, v in sample.labels.items()
         )
-        alt = f"{side} sample {i + 1} for prompt: {prompt}"
-        parts.append(
-            f"<figure>{_img_tag(f'images/{name}', alt, img.size)}"
-            f"<figcaption>{''.join(caption)}</figcaption></figure>"
-        )
+        if isinstance(sample.image, str):
+            shown = f'<pre class="sequence">{_esc(sample.image)}</pre>'
+        else:
+            img = _upscale(to_pil(sample.image), upscale_to)
+            # Names depend only on position, so re-running overwrites instead of
+            # piling up copies.
+            name = f"p{prompt_idx:03d}_{side}_{i:02d}.png"
+            _atomic_write(images_dir / name, lambda tmp, img=img: img.save(tmp, format="PNG"))
+            shown = _img_tag(f"images/{name}", f"{side} sample {i + 1} for prompt: {prompt}", img.size)
+        parts.append(f"<figure>{shown}<figcaption>{''.join(caption)}</figcaption></figure>")
     if not samples:
         parts.append('<p class="empty">no samples</p>')
     parts.append("</div></div>")
@@ -270,7 +273,7 @@ def write_gallery(
 ) -> Path:
     """Write ``out_dir/index.html`` plus its images and return the index path.
 
-    Every sample is saved as ``images/pNNN_{before,after}_MM.png``, upscaled
+    Every image sample is saved as ``images/pNNN_{before,after}_MM.png``, upscaled
     (nearest neighbour, whole-number factor) so its shorter side is at least
     ``upscale_to`` px. If ``metrics_path`` (a JSONL log, see ``read_metrics``)
     is given, ``plot_keys`` are plotted into ``curves.png``. Numbers in

@@ -1,9 +1,10 @@
 """The training loop's machinery, shared by every pipeline: accelerate, optimiser, LoRA, EMA, checkpoints, logs.
 
 A pipeline owns the algorithm (what to sample, which loss); the `Trainer` owns everything around it:
-devices and processes (accelerate), which parameters train (LoRA adapters through peft, or the full
-denoiser), AdamW with gradient clipping and accumulation, an EMA of the trained weights, mixed precision,
-atomic checkpoints that a resumed run continues from exactly, and metric logging (JSONL, tensorboard, wandb).
+devices and processes (accelerate), which parameters train (LoRA adapters through peft, or the full modules
+the generator's `trainable_modules()` names, plus extra parameter groups such as a GFlowNet's log Z), AdamW
+with gradient clipping and accumulation, an EMA of the trained weights, mixed precision, atomic checkpoints
+that a resumed run continues from exactly, and metric logging (JSONL, tensorboard, wandb).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class LoRAConfig:
-    """Low-rank adapters on the denoiser (peft). Disabled means full fine-tuning of the denoiser."""
+    """Low-rank adapters (peft) on the generator's trainable modules; disabled means full fine-tuning of them.
+    `target_modules` names submodules of those modules (the defaults are diffusers' attention projections)."""
 
     enabled: bool = True
     rank: PositiveInt = 4
@@ -89,6 +91,15 @@ class TrainerConfig:
     max_skipped_updates: PositiveInt = 5
     log_with: list[str] = field(default_factory=lambda: ["jsonl"])
     progress: bool = True
+
+
+@dataclass
+class ParameterGroup:
+    """Parameters trained beside the generator's modules, with their own learning rate (e.g. a GFlowNet's log Z).
+    Checkpointed with the weights, and their gradients averaged over processes like the modules' are."""
+
+    parameters: dict[str, torch.nn.Parameter]
+    learning_rate: float
 
 
 class EMA:
@@ -161,7 +172,19 @@ class Trainer:
         accumulation_steps: int = 1,
         total_updates: int | None = None,
         run_config: dict[str, Any] | None = None,
+        extra_parameters: dict[str, ParameterGroup] | None = None,
+        keep_reference: bool = False,
     ) -> None:
+        """
+        Args:
+            generator: any `genalign.generators.base.Generator`; its `trainable_modules()` are trained.
+            accumulation_steps: backward calls per optimiser update (on each process).
+            total_updates: optimiser updates in the whole run (for LR schedules).
+            run_config: the pipeline config as a dict, saved as the run folder's config.yaml.
+            extra_parameters: named groups of further parameters with their own learning rates.
+            keep_reference: the pipeline needs `generator.reference()`; under full fine-tuning a frozen copy of
+                the pretrained modules is kept for it (LoRA disables its adapters instead).
+        """
         self.config = config
         self.run_dir = Path(config.output_dir)
         scaler_kwargs = GradScalerKwargs(init_scale=config.fp16_initial_loss_scale)
@@ -184,26 +207,35 @@ class Trainer:
         set_seed(config.seed)
         self.generator = generator
         generator.to(self.accelerator.device)
-        denoiser = generator.denoiser
-        denoiser.requires_grad_(False)
-        if config.lora.enabled:
-            add_lora(denoiser, config.lora)
-        else:
-            denoiser.requires_grad_(True)
-        if config.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
-        # Sampling and re-evaluation must be the same function, so dropout-style train-mode behaviour is off.
-        denoiser.eval()
-        self.named_parameters = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+        modules = prepare_trainable_modules(generator, config)
+        if keep_reference:
+            generator.keep_reference_copy()
+        self.named_parameters = {
+            f"{module_name}.{name}": p
+            for module_name, module in modules.items()
+            for name, p in module.named_parameters()
+            if p.requires_grad
+        }
         self.parameters = list(self.named_parameters.values())
         if not self.parameters:
-            raise ValueError("no trainable parameters: check lora.target_modules against the denoiser's module names")
+            raise ConfigError(
+                f"no trainable parameters: trainer.lora.target_modules={list(config.lora.target_modules)} matches "
+                f"no submodule of {sorted(modules)}; name modules of the model (e.g. its attention projections)"
+            )
+        self.extra_parameters = {
+            f"extra.{group_name}.{name}": p
+            for group_name, group in (extra_parameters or {}).items()
+            for name, p in group.parameters.items()
+        }
         # Train in float32 even if the model was loaded in half precision; autocast handles mixed precision.
-        for p in self.parameters:
+        for p in [*self.parameters, *self.extra_parameters.values()]:
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
+        groups = [{"params": self.parameters, "lr": config.learning_rate}]
+        groups += [{"params": list(group.parameters.values()), "lr": group.learning_rate}
+                   for group in (extra_parameters or {}).values()]
         self.optimizer = torch.optim.AdamW(
-            self.parameters,
+            groups,
             lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_eps,
@@ -217,8 +249,9 @@ class Trainer:
             num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=total_updates,
         )
-        wrapped, self.optimizer = self.accelerator.prepare(denoiser, self.optimizer)
-        generator.denoiser_forward = wrapped
+        *wrapped, self.optimizer = self.accelerator.prepare(*modules.values(), self.optimizer)
+        self._wrapped = wrapped
+        generator.set_training_modules(dict(zip(modules, wrapped)))
         self.ema = EMA(self.named_parameters, config.ema_decay) if config.ema else None
         self.updates = 0
         self.skipped_updates = 0
@@ -308,7 +341,7 @@ class Trainer:
     # ------------------------------------------------------------------ optimisation
     def accumulate(self):
         """Context for one backward call; gradients sync and the optimiser steps on the last of an update."""
-        return self.accelerator.accumulate(self.generator.denoiser_forward)
+        return self.accelerator.accumulate(*self._wrapped)
 
     def autocast(self):
         return self.accelerator.autocast()
@@ -335,7 +368,9 @@ class Trainer:
         """
         if not self.accelerator.sync_gradients:
             return False
-        norm = float(self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm))
+        self._average_extra_gradients()
+        norm = float(self.accelerator.clip_grad_norm_([*self.parameters, *self.extra_parameters.values()],
+                                                      self.config.max_grad_norm))
         self._last_grad_norm = norm
         if not math.isfinite(norm):
             scaler = self.accelerator.scaler
@@ -367,6 +402,15 @@ class Trainer:
         self.updates += 1
         self._skipped_in_a_row = 0
         return True
+
+    def _average_extra_gradients(self) -> None:
+        """DDP averages the modules' gradients over processes; extra parameters are no module's, so here."""
+        if self.num_processes == 1:
+            return
+        for param in self.extra_parameters.values():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad.copy_(self.accelerator.reduce(param.grad, reduction="mean"))
 
     @property
     def last_grad_norm(self) -> float:
@@ -442,7 +486,8 @@ class Trainer:
         return None
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().float().cpu().contiguous() for name, p in self.named_parameters.items()}
+        named = {**self.named_parameters, **self.extra_parameters}
+        return {name: p.detach().float().cpu().contiguous() for name, p in named.items()}
 
     def save_checkpoint(self, epoch: int, pipeline_state: dict[str, Any]) -> Path:
         """Write step_{epoch} so that a complete checkpoint exists at every instant.
@@ -453,7 +498,8 @@ class Trainer:
 
         Contents: trainable weights (LoRA adapters or the full denoiser) in safetensors; the adapter in
         diffusers' format (`lora/`, EMA weights when EMA is on, the raw ones then in `lora_raw/`); optimiser,
-        LR-scheduler and fp16 GradScaler states; EMA; every process's RNG states; the pipeline's own state.
+        LR-scheduler and fp16 GradScaler states; EMA; every process's RNG states; the pipeline's own state (JSON,
+        with any tensors in it — replay buffers, statistics — in pipeline_state.safetensors).
         """
         acc = self.accelerator
         final = self.checkpoint_dir / f"step_{epoch:06d}"
@@ -469,22 +515,25 @@ class Trainer:
             save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
             if self.config.lora.enabled:
                 with self.ema_weights():
-                    self.generator.save_lora_weights(tmp / "lora")
+                    self.generator.save_adapter(tmp / "lora")
                 if self.ema is not None:
-                    self.generator.save_lora_weights(tmp / "lora_raw")
+                    self.generator.save_adapter(tmp / "lora_raw")
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if acc.scaler is not None:
                 torch.save(acc.scaler.state_dict(), tmp / "grad_scaler.pt")
             if self.ema is not None:
                 save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
+            json_state, tensors = _split_tensors(pipeline_state)
+            if tensors:
+                save_file(tensors, str(tmp / "pipeline_state.safetensors"))
             meta = {
                 "epoch": epoch,
                 "updates": self.updates,
                 "skipped_updates": self.skipped_updates,
                 "num_processes": self.num_processes,
                 "lora": self.config.lora.enabled,
-                "pipeline_state": pipeline_state,
+                "pipeline_state": json_state,
                 "python_random": _jsonable_python_rng(random.getstate()),
                 "numpy_random": _jsonable_numpy_rng(np.random.get_state()),
             }
@@ -536,7 +585,7 @@ class Trainer:
                 f"checkpoint '{path}' was trained with lora.enabled={meta['lora']}; resume with the same setting"
             )
         state = load_file(str(path / "trainable.safetensors"))
-        params = self.named_parameters
+        params = {**self.named_parameters, **self.extra_parameters}
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
         if missing or unexpected:
@@ -575,7 +624,9 @@ class Trainer:
         if self.is_main:
             _truncate_metrics(self.run_dir / "metrics.jsonl", after_step=int(meta["epoch"]))
         logger.info("resumed from %s (epoch %d)", path, meta["epoch"])
-        return int(meta["epoch"]) + 1, meta["pipeline_state"]
+        tensor_file = path / "pipeline_state.safetensors"
+        tensors = load_file(str(tensor_file), device=str(self.device)) if tensor_file.exists() else {}
+        return int(meta["epoch"]) + 1, _join_tensors(meta["pipeline_state"], tensors)
 
     def _missing_state(self, path: Path, what: str, fallback: str) -> None:
         if not self.config.allow_config_change:
@@ -609,25 +660,52 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or is_xpu_available() or is_npu_available() or torch.backends.mps.is_available()
 
 
-def add_lora(denoiser: torch.nn.Module, config: LoRAConfig) -> None:
-    """Attach peft LoRA adapters (B initialised to 0, so the model is unchanged until trained)."""
-    from peft import LoraConfig
+def prepare_trainable_modules(generator, config: TrainerConfig) -> dict[str, torch.nn.Module]:
+    """The generator's trainable modules, set up for training: frozen, then LoRA adapters added (or everything
+    unfrozen for full fine-tuning), gradient checkpointing if asked, and eval mode — sampling and re-evaluation
+    must compute the same function, so dropout-style train-mode behaviour stays off."""
+    modules = generator.trainable_modules()
+    for name, module in modules.items():
+        module.requires_grad_(False)
+        if config.lora.enabled:
+            add_lora(module, config.lora)
+        else:
+            module.requires_grad_(True)
+        if config.gradient_checkpointing:
+            if not hasattr(module, "enable_gradient_checkpointing"):
+                raise ConfigError(f"trainer.gradient_checkpointing: the '{name}' module ({type(module).__name__}) "
+                                  "has no enable_gradient_checkpointing(); set it to false for this model")
+            module.enable_gradient_checkpointing()
+        module.eval()
+    return modules
 
-    denoiser.add_adapter(
-        LoraConfig(
-            r=config.rank,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(config.target_modules),
-        )
+
+def add_lora(module: torch.nn.Module, config: LoRAConfig) -> None:
+    """Attach peft LoRA adapters (B initialised to 0, so the model is unchanged until trained) to any module.
+
+    diffusers and transformers models go through their own `add_adapter`, which keeps the bookkeeping their
+    LoRA savers read; any other module gets peft's `inject_adapter_in_model`.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(config.target_modules),
     )
+    try:
+        if hasattr(module, "add_adapter"):
+            module.add_adapter(lora)
+        else:
+            inject_adapter_in_model(lora, module)
+    except ValueError as error:  # peft: "Target modules {...} not found in the base model"
+        raise ConfigError(f"trainer.lora.target_modules: {error}") from None
 
 
-def load_trained_weights(
-    denoiser: torch.nn.Module, config: TrainerConfig, checkpoint: str | Path, *, use_ema: bool = True
-) -> None:
-    """Put a checkpoint's trained weights into a freshly loaded denoiser (adding LoRA adapters first if used).
+def load_trained_weights(generator, config: TrainerConfig, checkpoint: str | Path, *, use_ema: bool = True) -> None:
+    """Put a checkpoint's trained weights into a freshly loaded generator (adding LoRA adapters first if used).
 
     Args:
         use_ema: take the EMA weights when the checkpoint has them (a run trained with trainer.ema=true);
@@ -635,12 +713,15 @@ def load_trained_weights(
     """
     checkpoint = Path(checkpoint)
     meta = json.loads((checkpoint / "trainer_state.json").read_text())
+    modules = generator.trainable_modules()
     if meta["lora"]:
-        add_lora(denoiser, config.lora)
+        for module in modules.values():
+            add_lora(module, config.lora)
     ema_file = checkpoint / "ema.safetensors"
     source = ema_file if use_ema and ema_file.exists() else checkpoint / "trainable.safetensors"
-    state = load_file(str(source))
-    params = dict(denoiser.named_parameters())
+    state = {k: v for k, v in load_file(str(source)).items() if not k.startswith("extra.")}
+    params = {f"{module_name}.{name}": p for module_name, module in modules.items()
+              for name, p in module.named_parameters()}
     missing = sorted(set(state) - set(params))
     if missing:
         raise CheckpointError(f"checkpoint '{checkpoint}' has tensors the model lacks, e.g. {missing[:2]}")
@@ -701,6 +782,35 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+_TENSOR_REF = "__tensor__"
+
+
+def _split_tensors(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Pipeline state → (JSON-able copy with each tensor replaced by a reference, tensors by dotted name)."""
+    if isinstance(state, torch.Tensor):
+        return {_TENSOR_REF: prefix}, {prefix: state.detach().cpu().contiguous()}
+    if isinstance(state, dict):
+        plain, tensors = {}, {}
+        for key, value in state.items():
+            plain[key], found = _split_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+            tensors.update(found)
+        return plain, tensors
+    if isinstance(state, (list, tuple)):
+        parts = [_split_tensors(value, f"{prefix}.{i}") for i, value in enumerate(state)]
+        return [p for p, _ in parts], {k: v for _, found in parts for k, v in found.items()}
+    return state, {}
+
+
+def _join_tensors(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(state, dict):
+        if set(state) == {_TENSOR_REF}:
+            return tensors[state[_TENSOR_REF]]
+        return {key: _join_tensors(value, tensors) for key, value in state.items()}
+    if isinstance(state, list):
+        return [_join_tensors(value, tensors) for value in state]
+    return state
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,6 +1,6 @@
-"""DDPO — policy-gradient fine-tuning of a diffusion model (Black et al., 2023; spec 00).
+"""DDPO — policy-gradient fine-tuning of a generator's sampling chain (Black et al., 2023; spec 00).
 
-Each epoch: sample prompts × images with per-step log-probs, score them, turn rewards into per-prompt
+Each epoch: sample conditions × samples with per-step log-probs, score them, turn rewards into per-condition
 normalised advantages, then update the denoiser on a fraction of each trajectory's steps with the PPO-clip
 loss ("is", importance sampling) or plain REINFORCE ("sf", score function, one step per rollout). Each inner
 epoch reshuffles the samples into updates and draws each trajectory's training steps afresh.
@@ -17,18 +17,16 @@ import torch
 
 from genalign.config import ConfigError, PositiveFloat, PositiveInt
 from genalign.engine import (
-    DiffusionPipeline,
-    DiffusionPipelineConfig,
     EpochPlan,
+    Pipeline,
+    PipelineConfig,
     SamplingConfig,
-    gather_in_order,
     gather_trajectory,
-    on_every_process,
     reward_metrics,
+    split_batch,
     total_reward,
 )
-from genalign.generators.diffusion import DiffusionGenerator, Trajectory
-from genalign.sampling import StepSchedule
+from genalign.generators.base import Generator, Trajectory
 from genalign.stats import PerPromptStatTracker
 from genalign.trainer import Trainer, launched_processes
 
@@ -39,7 +37,7 @@ def _default_sampling() -> SamplingConfig:
 
 
 @dataclass
-class DDPOConfig(DiffusionPipelineConfig):
+class DDPOConfig(PipelineConfig):
     pipeline: Literal["ddpo"] = "ddpo"
     sampling: SamplingConfig = field(default_factory=_default_sampling)
     prompts_per_epoch: PositiveInt = 4
@@ -87,12 +85,12 @@ def ddpo_loss(
     return torch.maximum(unclipped, clipped).mean(), stats
 
 
-class DDPOPipeline(DiffusionPipeline):
-    """DDPO on a `DiffusionGenerator` with any reward from `rewards`."""
+class DDPOPipeline(Pipeline):
+    """DDPO on any generator with per-step log-probabilities, with any reward from `rewards`."""
 
     config_class = DDPOConfig
 
-    def __init__(self, config: DDPOConfig, generator: DiffusionGenerator | None = None, reward=None) -> None:
+    def __init__(self, config: DDPOConfig, generator: Generator | None = None, reward=None) -> None:
         super().__init__(config, generator, reward)
         self._validate()
         self.tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
@@ -105,36 +103,12 @@ class DDPOPipeline(DiffusionPipeline):
         if not 0 < c.timestep_fraction <= 1:
             raise ConfigError(f"timestep_fraction must be in (0, 1], got {c.timestep_fraction}")
 
-    def _local_layout(self, num_processes: int) -> tuple[int, int]:
-        """(local samples per update, micro-batches per update); errors if the batch does not split."""
-        c = self.config
-        total = c.prompts_per_epoch * c.samples_per_prompt
-        if total % (num_processes * c.updates_per_epoch):
-            raise ConfigError(
-                f"{total} samples per epoch must split evenly over {num_processes} process(es) × "
-                f"{c.updates_per_epoch} updates; change prompts_per_epoch or samples_per_prompt"
-            )
-        per_update = total // num_processes // c.updates_per_epoch
-        if per_update % c.train_batch_size:
-            raise ConfigError(
-                f"each process trains on {per_update} samples per update, not a multiple of "
-                f"train_batch_size={c.train_batch_size}; pick a divisor of {per_update}"
-            )
-        return per_update, per_update // c.train_batch_size
-
-    def _schedule_and_train_steps(self) -> tuple[StepSchedule, int]:
-        """The sampling schedule and how many of its stochastic steps each trajectory trains on."""
-        options = self.config.sampling.options()
-        schedule = StepSchedule.from_scheduler(self.generator.scheduler, options.num_inference_steps, options.eta)
-        stochastic = int(schedule.stochastic.sum())
-        if stochastic == 0:
-            raise ConfigError("no stochastic sampling steps: DDPO needs eta > 0 (DDIM) or a DDPM scheduler")
-        return schedule, max(1, round(self.config.timestep_fraction * stochastic))
-
     def train(self) -> dict[str, float]:
         c = self.config
-        schedule, n_train_steps = self._schedule_and_train_steps()
-        per_update, micro_batches = self._local_layout(launched_processes())
+        stochastic_steps = self.trainable_steps()
+        n_train_steps = max(1, round(c.timestep_fraction * len(stochastic_steps)))
+        per_update, micro_batches = split_batch(c.prompts_per_epoch * c.samples_per_prompt, launched_processes(),
+                                                c.train_batch_size, parts=c.updates_per_epoch)
         trainer, start, state = self.start_training(
             accumulation_steps=micro_batches * n_train_steps,
             total_updates=c.epochs * c.updates_per_epoch * c.inner_epochs,
@@ -145,24 +119,16 @@ class DDPOPipeline(DiffusionPipeline):
                          "the smallest update and almost every sample is clipped")
         if "stats" in state:
             self.tracker.load_state_dict(state["stats"])
-        options = c.sampling.options()
-        stochastic_steps = np.flatnonzero(schedule.stochastic.numpy())
         last: dict[str, float] = {}
         for epoch in trainer.epochs(start, c.epochs):
             tic = time.time()
             plan = self.epoch_plan(trainer, epoch, c.prompts_per_epoch, c.samples_per_prompt)
-            # 1. Sample this process's share with per-sample seeds.
-            local_prompts = [self.prompts[plan.prompt_index[i]] for i in plan.local]
-            # Under the same autocast as training, so that recorded and re-evaluated log-probs agree.
-            with trainer.autocast():
-                rollout = self.generator.sample(
-                    local_prompts, options, seeds=plan.seeds[plan.local].tolist(), batch_size=c.sampling.batch_size
-                )
-            # 2. Score, gather in global order, and normalise per prompt on every process alike.
-            scores = on_every_process(trainer, lambda: self.reward(rollout.images, rollout.prompts).rewards.float())
-            global_scores = gather_in_order(trainer, scores, plan)
-            global_prompts = [self.prompts[i] for i in plan.prompt_index]
-            advantages, flat_fraction = self.tracker.update(global_prompts, total_reward(global_scores).cpu().numpy())
+            # 1–2. Sample this process's share, score it, gather every process's rewards in global order.
+            samples = self.sample_and_score(trainer, plan)
+            global_scores = samples.global_scores
+            # Normalise per condition on every process alike.
+            keys = self.conditions(plan, range(len(plan))).keys
+            advantages, flat_fraction = self.tracker.update(keys, total_reward(global_scores).cpu().numpy())
             advantages = torch.as_tensor(
                 np.clip(advantages, -c.adv_clip_max, c.adv_clip_max), dtype=torch.float64, device=trainer.device
             )
@@ -170,20 +136,14 @@ class DDPOPipeline(DiffusionPipeline):
                 trainer.warn(f"epoch {epoch}: every prompt group has zero reward spread; advantages are 0 "
                              "and nothing is learned (is the reward constant?)")
             # 3. Update on a random subset of each trajectory's stochastic steps.
-            step_stats = self._update(trainer, rollout.trajectory, plan, advantages, stochastic_steps,
+            step_stats = self._update(trainer, samples.rollout.trajectory, plan, advantages, stochastic_steps,
                                       n_train_steps, per_update, epoch)
-            last = {
+            metrics = {
                 **reward_metrics(global_scores, self.reward.objectives),
                 "zero_spread_fraction": flat_fraction,
-                "samples_per_s": len(plan.prompt_index) / (time.time() - tic),
-                "lr": trainer.learning_rate,
-                "grad_norm": trainer.last_grad_norm,
                 **step_stats,
             }
-            if (epoch + 1) % c.eval.every == 0 or epoch + 1 == c.epochs:
-                last.update(self.evaluate(trainer))
-            trainer.log(last, step=epoch)
-            trainer.maybe_checkpoint(epoch, c.epochs, {"stats": self.tracker.state_dict()})
+            last = self.finish_epoch(trainer, epoch, metrics, {"stats": self.tracker.state_dict()}, tic, len(plan))
         return last
 
     def _update(
@@ -235,9 +195,7 @@ class DDPOPipeline(DiffusionPipeline):
                         old = batch.log_probs[torch.arange(len(batch)), step_index.to(batch.log_probs.device)]
                         with trainer.accumulate():
                             with trainer.autocast():
-                                log_prob = self.generator.step_log_prob(
-                                    batch, step_index, reduction=c.sampling.log_prob_reduction
-                                )
+                                log_prob = self.generator.step_log_prob(batch, step_index)
                             loss, stats = ddpo_loss(log_prob, old, batch_advantages, c.clip_range, c.variant)
                             trainer.backward(loss)
                             trainer.optimizer_step()
@@ -253,7 +211,7 @@ class DDPOPipeline(DiffusionPipeline):
         batch = trajectory[torch.as_tensor(row_of[probe])]
         step_index = torch.as_tensor(train_steps[: len(probe), 0])
         with torch.no_grad(), trainer.autocast():
-            new = self.generator.step_log_prob(batch, step_index, reduction=c.sampling.log_prob_reduction)
+            new = self.generator.step_log_prob(batch, step_index)
         log_ratio = new - batch.log_probs[torch.arange(len(batch)), step_index.to(new.device)]
         out["approx_kl_after_update"] = float(0.5 * (log_ratio**2).mean())
         out = trainer.mean_across_processes(out)

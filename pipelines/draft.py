@@ -1,8 +1,9 @@
 """DRaFT / AlignProp — fine-tuning by backpropagating a differentiable reward through sampling (spec 00).
 
-Each step samples a batch with gradients through the last K denoiser calls only (DRaFT-K; AlignProp draws
-K at random per batch), decodes, scores with a differentiable reward and minimises −reward. DRaFT-LV
-replaces the tracked steps by `lv_rounds` re-noise/denoise rounds at the last timestep.
+Each step samples a batch with gradients through the last K sampling steps only (DRaFT-K; AlignProp draws
+K at random per batch), scores it with a differentiable reward and minimises −reward. DRaFT-LV replaces the
+tracked steps by `lv_rounds` re-noise/denoise rounds at the last timestep; `checkpoint_denoiser` wraps each
+tracked step in activation checkpointing (both are options of the diffusion family's differentiable sampler).
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import torch
 
 from genalign.config import ConfigError, NonNegativeInt, PositiveInt
 from genalign.engine import (
-    DiffusionPipeline,
-    DiffusionPipelineConfig,
+    Pipeline,
+    PipelineConfig,
     RewardConfig,
-    SamplingConfig,
     on_every_process,
     reward_metrics,
+    split_batch,
     total_reward,
 )
-from genalign.generators.diffusion import DiffusionGenerator
+from genalign.generators.base import Generator
 from genalign.trainer import launched_processes
 
 
@@ -32,15 +33,10 @@ def _default_reward() -> RewardConfig:
     return RewardConfig(name="colorfulness")
 
 
-def _default_sampling() -> SamplingConfig:
-    return SamplingConfig(eta=0.0)
-
-
 @dataclass
-class DRaFTConfig(DiffusionPipelineConfig):
+class DRaFTConfig(PipelineConfig):
     pipeline: Literal["draft"] = "draft"
     reward: RewardConfig = field(default_factory=_default_reward)
-    sampling: SamplingConfig = field(default_factory=_default_sampling)
     batch_size: PositiveInt = 8
     train_batch_size: PositiveInt = 4
     grad_steps: PositiveInt = 1
@@ -57,12 +53,12 @@ def truncation_steps(config: DRaFTConfig, seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, epoch, 7]).integers(config.min_grad_steps, config.grad_steps + 1))
 
 
-class DRaFTPipeline(DiffusionPipeline):
-    """DRaFT-K, AlignProp (random truncation) and DRaFT-LV on a `DiffusionGenerator`."""
+class DRaFTPipeline(Pipeline):
+    """DRaFT-K, AlignProp (random truncation) and DRaFT-LV on a generator with a differentiable sampler."""
 
     config_class = DRaFTConfig
 
-    def __init__(self, config: DRaFTConfig, generator: DiffusionGenerator | None = None, reward=None) -> None:
+    def __init__(self, config: DRaFTConfig, generator: Generator | None = None, reward=None) -> None:
         super().__init__(config, generator, reward)
         if not self.reward.differentiable:
             raise ConfigError(
@@ -76,15 +72,9 @@ class DRaFTPipeline(DiffusionPipeline):
 
     def train(self) -> dict[str, float]:
         c = self.config
-        world = launched_processes()
-        if c.batch_size % (world * c.train_batch_size):
-            raise ConfigError(
-                f"batch_size={c.batch_size} must be a multiple of processes ({world}) × "
-                f"train_batch_size ({c.train_batch_size})"
-            )
-        micro_batches = c.batch_size // world // c.train_batch_size
+        _, micro_batches = split_batch(c.batch_size, launched_processes(), c.train_batch_size,
+                                       names=("samples per epoch (batch_size)", "train_batch_size"))
         trainer, start, _ = self.start_training(accumulation_steps=micro_batches, total_updates=c.epochs)
-        options = c.sampling.options()
         last: dict[str, float] = {}
         for epoch in trainer.epochs(start, c.epochs):
             tic = time.time()
@@ -96,26 +86,18 @@ class DRaFTPipeline(DiffusionPipeline):
                 with trainer.accumulate():
                     with trainer.autocast():
                         rollout = self.generator.sample_differentiable(
-                            [self.prompts[plan.prompt_index[i]] for i in chunk],
-                            options,
+                            self.conditions(plan, chunk),
+                            self.options,
                             grad_steps=k,
                             seeds=plan.seeds[chunk].tolist(),
                             checkpoint=c.checkpoint_denoiser,
                             lv_rounds=c.lv_rounds,
                         )
-                        scores = on_every_process(trainer, lambda: self.reward(rollout.images, rollout.prompts).rewards)
+                        scores = on_every_process(trainer, lambda: self.reward(rollout.outputs, rollout.texts).rewards)
                     trainer.backward(-total_reward(scores).mean())
                     trainer.optimizer_step()
                 rewards.append(scores.detach().float())
-            last = {
-                **reward_metrics(trainer.gather(torch.cat(rewards)), self.reward.objectives),
-                "grad_steps": float(k),
-                "grad_norm": trainer.last_grad_norm,
-                "lr": trainer.learning_rate,
-                "samples_per_s": c.batch_size / (time.time() - tic),
-            }
-            if (epoch + 1) % c.eval.every == 0 or epoch + 1 == c.epochs:
-                last.update(self.evaluate(trainer))
-            trainer.log(last, step=epoch)
-            trainer.maybe_checkpoint(epoch, c.epochs, {})
+            gathered = trainer.gather(torch.cat(rewards))  # mean and spread only: no order needed
+            metrics = {**reward_metrics(gathered, self.reward.objectives), "grad_steps": float(k)}
+            last = self.finish_epoch(trainer, epoch, metrics, {}, tic, c.batch_size)
         return last

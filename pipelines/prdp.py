@@ -1,6 +1,6 @@
 """PRDP — Proximal Reward Difference Prediction (Deng et al., CVPR 2024; spec ../shared/specs/prdp.md).
 
-Each epoch freezes the current model as π_old, samples N prompts × B images from it with per-step
+Each epoch freezes the current model as π_old, samples N conditions × B samples from it with per-step
 log-probs, scores them, and takes K gradient steps on the Reward Difference Prediction loss: for every
 pair (a, b) of one prompt's samples, the implied reward difference r̂_θ(a) − r̂_θ(b), where
 r̂_θ(x̄) = Σ_t log π_θ(x_{t−1}|x_t, c) − log π_old(x_{t−1}|x_t, c), should equal the true one divided by β.
@@ -24,21 +24,20 @@ import torch
 
 from genalign.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
 from genalign.engine import (
-    DiffusionPipeline,
-    DiffusionPipelineConfig,
     EpochPlan,
+    Pipeline,
+    PipelineConfig,
     gather_in_order,
-    on_every_process,
     reward_metrics,
+    split_batch,
     total_reward,
 )
-from genalign.generators.diffusion import DiffusionGenerator, Trajectory
-from genalign.sampling import StepSchedule
+from genalign.generators.base import Generator, Trajectory
 from genalign.trainer import Trainer, launched_processes
 
 
 @dataclass
-class PRDPConfig(DiffusionPipelineConfig):
+class PRDPConfig(PipelineConfig):
     pipeline: Literal["prdp"] = "prdp"
     prompts_per_epoch: PositiveInt = 4  # N
     samples_per_prompt: PositiveInt = 4  # B: each prompt's group, whose pairs the loss compares
@@ -149,12 +148,13 @@ def implied_reward_diagnostics(
     }
 
 
-class PRDPPipeline(DiffusionPipeline):
-    """PRDP on a `DiffusionGenerator` with any reward from `rewards` (several objectives are summed)."""
+class PRDPPipeline(Pipeline):
+    """PRDP on any generator with per-step log-probabilities, with any reward from `rewards` (several objectives
+    are summed)."""
 
     config_class = PRDPConfig
 
-    def __init__(self, config: PRDPConfig, generator: DiffusionGenerator | None = None, reward=None) -> None:
+    def __init__(self, config: PRDPConfig, generator: Generator | None = None, reward=None) -> None:
         super().__init__(config, generator, reward)
         c = config
         if c.samples_per_prompt < 2:
@@ -168,51 +168,23 @@ class PRDPPipeline(DiffusionPipeline):
         if not 0 <= c.probe_prompts <= c.prompts_per_epoch:
             raise ConfigError(f"probe_prompts must be in [0, prompts_per_epoch={c.prompts_per_epoch}]")
 
-    def _local_samples(self, num_processes: int) -> int:
-        """Samples per process; errors if they do not split into training batches."""
-        c = self.config
-        total = c.prompts_per_epoch * c.samples_per_prompt
-        if total % (num_processes * c.train_batch_size):
-            raise ConfigError(
-                f"{total} samples per epoch must split into train_batch_size={c.train_batch_size} batches on "
-                f"each of {num_processes} process(es); change train_batch_size, prompts_per_epoch or "
-                "samples_per_prompt"
-            )
-        return total // num_processes
-
-    def _stochastic_steps(self) -> np.ndarray:
-        options = self.config.sampling.options()
-        schedule = StepSchedule.from_scheduler(self.generator.scheduler, options.num_inference_steps, options.eta)
-        steps = np.flatnonzero(schedule.stochastic.numpy())
-        if len(steps) == 0:
-            raise ConfigError("no stochastic sampling steps: PRDP needs eta > 0 (DDIM) or a DDPM scheduler")
-        return steps
-
     def train(self) -> dict[str, float]:
         c = self.config
-        steps = self._stochastic_steps()
-        local_samples = self._local_samples(launched_processes())
-        micro_batches = local_samples // c.train_batch_size
+        steps = self.trainable_steps()
+        local_samples, micro_batches = split_batch(c.prompts_per_epoch * c.samples_per_prompt, launched_processes(),
+                                                   c.train_batch_size)
         trainer, start, _ = self.start_training(
             accumulation_steps=micro_batches * len(steps), total_updates=c.epochs * c.updates_per_epoch
         )
-        options = c.sampling.options()
         last: dict[str, float] = {}
         for epoch in trainer.epochs(start, c.epochs):
             tic = time.time()
             plan = self.epoch_plan(trainer, epoch, c.prompts_per_epoch, c.samples_per_prompt)
-            # 1. θ_old samples this process's share; the same autocast as the updates keeps log-probs comparable.
-            with trainer.autocast():
-                rollout = self.generator.sample(
-                    [self.prompts[plan.prompt_index[i]] for i in plan.local],
-                    options,
-                    seeds=plan.seeds[plan.local].tolist(),
-                    batch_size=c.sampling.batch_size,
-                )
-            trajectory = rollout.trajectory
-            # 2. Score; every process needs every reward, in global order, for the pairs.
-            scores = on_every_process(trainer, lambda: self.reward(rollout.images, rollout.prompts).rewards.float())
-            global_scores = gather_in_order(trainer, scores, plan)
+            # 1–2. θ_old samples this process's share and scores it; every process needs every reward, in global
+            # order, for the pairs.
+            samples = self.sample_and_score(trainer, plan)
+            trajectory = samples.rollout.trajectory
+            global_scores = samples.global_scores
             rewards = total_reward(global_scores)
             # Samples are drawn group after group: global sample g belongs to prompt group g // B.
             groups = torch.arange(len(rewards), device=trainer.device) // c.samples_per_prompt
@@ -242,23 +214,17 @@ class PRDPPipeline(DiffusionPipeline):
                 trainer.warn(f"epoch {epoch}: log-probs re-evaluated at θ_old differ from the sampled ones by "
                              f"{mismatch:.3g} (more than {tolerance:g}); sampling and training compute different "
                              "densities (dropout? a different dtype or autocast?)")
-            last = {
+            metrics = {
                 **reward_metrics(global_scores, self.reward.objectives),
                 **{key: float(np.mean([s[key] for s in update_stats])) for key in update_stats[0]},
                 "rdp_loss_first": update_stats[0]["rdp_loss"],
                 "reference_logprob_mismatch": mismatch,
                 "zero_spread_fraction": zero_spread,
-                "samples_per_s": len(rewards) / (time.time() - tic),
-                "lr": trainer.learning_rate,
-                "grad_norm": trainer.last_grad_norm,
             }
             if c.probe_prompts:
                 probe_total = c.probe_prompts * c.samples_per_prompt
-                last.update(self._probe(trainer, trajectory, steps, reference, probe_total, plan, rewards, groups))
-            if (epoch + 1) % c.eval.every == 0 or epoch + 1 == c.epochs:
-                last.update(self.evaluate(trainer))
-            trainer.log(last, step=epoch)
-            trainer.maybe_checkpoint(epoch, c.epochs, {})
+                metrics.update(self._probe(trainer, trajectory, steps, reference, probe_total, plan, rewards, groups))
+            last = self.finish_epoch(trainer, epoch, metrics, {}, tic, len(plan))
         return last
 
     def _step_log_probs(self, trainer: Trainer, trajectory: Trajectory, steps: np.ndarray) -> torch.Tensor:
@@ -270,9 +236,7 @@ class PRDPPipeline(DiffusionPipeline):
                 batch = trajectory[start : start + c.train_batch_size]
                 for j, step in enumerate(steps):
                     index = torch.full((len(batch),), int(step))
-                    out[start : start + len(batch), j] = self.generator.step_log_prob(
-                        batch, index, reduction=c.sampling.log_prob_reduction
-                    )
+                    out[start : start + len(batch), j] = self.generator.step_log_prob(batch, index)
         return out
 
     def _backward(
@@ -294,7 +258,7 @@ class PRDPPipeline(DiffusionPipeline):
                 index = torch.full((len(batch),), int(step))
                 with trainer.accumulate():
                     with trainer.autocast():
-                        log_prob = self.generator.step_log_prob(batch, index, reduction=c.sampling.log_prob_reduction)
+                        log_prob = self.generator.step_log_prob(batch, index)
                     trainer.backward(scale * (coefficients[rows, j] * log_prob).sum())
                     trainer.optimizer_step()
                 evaluated[rows, j] = log_prob.detach()

@@ -1,11 +1,13 @@
 """Engine benchmarks, each reported as a ratio against a baseline measured in the same run.
 
     python scripts/bench.py                 # all benchmarks, markdown table on stdout
-    python scripts/bench.py --only memory   # one of: sampling, ddpo, prdp, memory, attention, shapes
+    python scripts/bench.py --only memory   # one of: sampling, masked, ddpo, prdp, memory, attention, shapes
     python scripts/bench.py --out docs/bench.json
 
 Benchmarks:
 - sampling: our sampler with per-step log-probs vs diffusers' StableDiffusionPipeline, same model/seeds/η.
+- masked: masked discrete diffusion sampling with per-step log-probs and per-sample seeds vs a bare MDLM sampling
+  loop on the same model (scripts/bench_masked.py; 64 DNA-length sequences, 50 steps, the default CNN).
 - ddpo: one DDPO update (PPO-clip loss through `step_log_prob`) vs a bare denoiser forward+backward on the
   same batch — the price of the policy-gradient bookkeeping.
 - prdp: one PRDP update (the RDP-loss coefficients, then Σ G·∇log π over every step) vs one DDPO update over every
@@ -34,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from genalign.generators.diffusion import DiffusionGenerator, SamplingOptions  # noqa: E402
 from genalign.worlds.tiny import build_tiny_text_to_image  # noqa: E402
@@ -139,6 +142,12 @@ def trainable_rollout(args):
     return gen, prompts, gen.sample(prompts, options, seeds=list(range(len(prompts)))).trajectory
 
 
+def bench_masked(args) -> dict:
+    from bench_masked import bench_masked_sampling
+
+    return bench_masked_sampling(repeats=args.repeats, device=args.device)
+
+
 def bench_ddpo(args) -> dict:
     from pipelines.ddpo import ddpo_loss
 
@@ -152,11 +161,15 @@ def bench_ddpo(args) -> dict:
         loss.backward()
         gen.denoiser.zero_grad(set_to_none=True)
 
-    x = traj.latents[:, args.steps // 2]
-    t = traj.schedule.timesteps[args.steps // 2].expand(len(prompts)).to(x.device)
+    from genalign.generators.diffusion import PromptEmbeds
+
+    x = traj.states[:, args.steps // 2]
+    t = gen.schedule(traj.options).timesteps[args.steps // 2].expand(len(prompts)).to(x.device)
+    cond = PromptEmbeds.from_conditioning(traj.conditioning)
+    uncond = PromptEmbeds.from_conditioning(traj.conditioning, "uncond_")
 
     def bare():
-        out = gen.predict(x, t, traj.cond, traj.uncond, traj.guidance_scale)
+        out = gen.predict(x, t, cond, uncond, traj.options.guidance_scale)
         out.float().pow(2).mean().backward()
         gen.denoiser.zero_grad(set_to_none=True)
 
@@ -177,7 +190,7 @@ def bench_prdp(args) -> list[dict]:
     from pipelines.prdp import PRDPConfig, loss_coefficients
 
     gen, prompts, traj = trainable_rollout(args)
-    steps = [int(s) for s in torch.nonzero(traj.schedule.stochastic).flatten()]
+    steps = traj.trainable_steps.tolist()
     rewards = torch.randn(len(prompts), device=gen.device)
     groups = torch.arange(len(prompts), device=gen.device) // 4
     config = PRDPConfig(beta=1e-3, clip_range=1e-4)
@@ -193,13 +206,13 @@ def bench_prdp(args) -> list[dict]:
         gen.denoiser.zero_grad(set_to_none=True)
 
     def prdp(values_pass: bool):
-        ratios = torch.zeros(len(prompts), len(steps), device=gen.device)
+        ratios = torch.zeros(len(prompts), len(steps), device=gen.device, dtype=torch.float64)
         if values_pass:
             with torch.no_grad():
                 ratios = torch.stack([log_prob(step) for step in steps], dim=1) - ratios
         _, coefficients, _ = loss_coefficients(ratios, rewards, groups, config)
         for j, step in enumerate(steps):
-            (coefficients[:, j].float() * log_prob(step)).sum().backward()
+            (coefficients[:, j] * log_prob(step)).sum().backward()
         gen.denoiser.zero_grad(set_to_none=True)
 
     rows = []
@@ -235,7 +248,7 @@ def _memory_child(k: int, checkpoint: bool, image_size: int, batch: int, steps: 
         start = _current_rss()
         monitor = _RssMonitor()
     out = gen.sample_differentiable(prompts, options, grad_steps=k, seeds=list(range(batch)), checkpoint=checkpoint)
-    (-reward(out.images, prompts).rewards.mean()).backward()
+    (-reward(out.outputs, prompts).rewards.mean()).backward()
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - start
     else:
@@ -340,7 +353,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["sampling", "ddpo", "prdp", "memory", "attention", "shapes"])
+    parser.add_argument("--only", choices=["sampling", "masked", "ddpo", "prdp", "memory", "attention", "shapes"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -354,7 +367,7 @@ def main() -> None:
                       args.steps, args.device)
         return
     torch.manual_seed(0)
-    benches = {"sampling": bench_sampling, "ddpo": bench_ddpo, "prdp": bench_prdp, "memory": bench_memory, "attention": bench_attention,
+    benches = {"sampling": bench_sampling, "masked": bench_masked, "ddpo": bench_ddpo, "prdp": bench_prdp, "memory": bench_memory, "attention": bench_attention,
                "shapes": bench_shapes}
     rows = []
     for name, fn in benches.items():

@@ -37,7 +37,7 @@ from genalign.generators.masked import (  # noqa: E402
 def bare_sampling_loop(generator: MaskedDiffusionGenerator, num_samples: int,
                        options: MaskedSamplingOptions) -> torch.Tensor:
     """The plain MDLM sampler without log-probs or trajectory: [num_samples, L] ids."""
-    T, V, mask = options.num_steps, generator.vocab_size, generator.mask_id
+    T, V, mask = options.num_inference_steps, generator.vocab_size, generator.mask_id
     length = options.length or generator.config.length
     x = torch.full((num_samples, length), mask, dtype=torch.long, device=generator.device)
     for k in range(T):
@@ -89,7 +89,7 @@ def bench_masked_sampling(
         config = MaskedDiffusionConfig(length=length, backbone=backbone, hidden_size=hidden_size, num_layers=num_layers)
         generator = MaskedDiffusionGenerator.from_config(config)
     generator.to(device)
-    options = MaskedSamplingOptions(num_steps=num_steps)
+    options = MaskedSamplingOptions(num_inference_steps=num_steps)
     seeds = list(range(num_samples))
 
     def ours() -> None:

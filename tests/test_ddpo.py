@@ -272,7 +272,7 @@ def test_inner_epochs_reshuffle_the_samples_and_redraw_their_training_steps(tiny
 
     def recording(batch, step_index, **kwargs):
         if torch.is_grad_enabled():
-            for x_T, step in zip(batch.latents[:, 0], step_index.tolist()):
+            for x_T, step in zip(batch.states[:, 0], step_index.tolist()):
                 calls.append((round(float(x_T.sum()), 4), step))
         return evaluate(batch, step_index, **kwargs)
 

@@ -67,7 +67,7 @@ def test_lora_adapter_loads_into_plain_diffusers(tiny_sd_dir, tmp_path):
     ours, config = load_run_generator(tmp_path / "run")
     options = SamplingOptions(num_inference_steps=5, guidance_scale=1.0, eta=0.0)
     seeds = [1, 2]
-    trained = ours.sample(PROMPTS[:2], options, seeds=seeds, return_trajectory=False).images
+    trained = ours.sample(PROMPTS[:2], options, seeds=seeds, return_trajectory=False).outputs
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     base = pipe(PROMPTS[:2], num_inference_steps=5, guidance_scale=1.0, output_type="pt",
@@ -77,7 +77,7 @@ def test_lora_adapter_loads_into_plain_diffusers(tiny_sd_dir, tmp_path):
     adapted = pipe(PROMPTS[:2], num_inference_steps=5, guidance_scale=1.0, output_type="pt",
                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
     assert (base - trained).abs().max() > 1e-3  # training changed the model
-    assert torch.allclose(pipeline.sample(PROMPTS[:2], seeds=seeds).images, trained, atol=1e-5)
+    assert torch.allclose(pipeline.sample(PROMPTS[:2], seeds=seeds).outputs, trained, atol=1e-5)
     assert torch.allclose(adapted, trained, atol=1e-5)
 
 
@@ -203,11 +203,11 @@ def test_sample_gallery_and_exported_lora_use_the_ema_weights_when_ema_is_on(tin
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
     for use_ema, expected in ((True, ema), (False, raw)):
         generator, _ = load_run_generator(run, use_ema=use_ema)
-        params = dict(generator.denoiser.named_parameters())
+        params = {f"denoiser.{k}": v for k, v in generator.denoiser.named_parameters()}
         assert all(torch.equal(params[k].detach(), expected[k]) for k in expected)
 
     options = SamplingOptions(num_inference_steps=5, guidance_scale=1.0, eta=0.0)
-    with_ema = load_run_generator(run)[0].sample(PROMPTS, options, seeds=[0, 1, 2, 3], return_trajectory=False).images
+    with_ema = load_run_generator(run)[0].sample(PROMPTS, options, seeds=[0, 1, 2, 3], return_trajectory=False).outputs
     for flags, expected_ema in (([], True), (["--raw-weights"], False)):
         out = tmp_path / f"samples{len(flags)}"
         assert main(["sample", "--run", str(run), "--prompts", str(prompt_file), "--n", "1", "--out", str(out), *flags]) == 0

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from genalign.gallery import (
-    GalleryImage,
+    GallerySample,
     PromptRow,
     plot_metrics,
     read_metrics,
@@ -42,9 +42,9 @@ def _parse(index: Path) -> _PageParser:
 
 
 def _rows(gen: torch.Generator) -> list[PromptRow]:
-    def sample(i: int, gold: str) -> GalleryImage:
+    def sample(i: int, gold: str) -> GallerySample:
         reward = torch.rand((), generator=gen).item() * 3.0 - 1.0
-        return GalleryImage(
+        return GallerySample(
             torch.rand(3, 16, 16, generator=gen), reward, {"seed": str(i), "gold": gold}
         )
 
@@ -153,7 +153,7 @@ def test_rewrite_overwrites_same_files(gallery, tmp_path):
 def test_pil_images_and_missing_rewards(tmp_path):
     img = Image.new("RGB", (32, 24), (10, 200, 30))
     index = write_gallery(
-        tmp_path, [PromptRow("pil", [GalleryImage(img)], [])], title="t", upscale_to=64
+        tmp_path, [PromptRow("pil", [GallerySample(img)], [])], title="t", upscale_to=64
     )
     page = _parse(index)
     assert len(page.imgs) == 1
@@ -165,7 +165,7 @@ def test_pil_images_and_missing_rewards(tmp_path):
 
 def test_bad_tensor_shape_rejected(tmp_path):
     with pytest.raises(ValueError, match="3, H, W"):
-        write_gallery(tmp_path, [PromptRow("x", [GalleryImage(torch.rand(16, 16))], [])], title="t")
+        write_gallery(tmp_path, [PromptRow("x", [GallerySample(torch.rand(16, 16))], [])], title="t")
 
 
 def test_read_metrics_malformed_line_names_file_and_line(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from genalign.gallery import GalleryImage, PromptRow, write_gallery
+from genalign.gallery import GallerySample, PromptRow, write_gallery
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(
@@ -60,8 +60,8 @@ def gallery(tmp_path):
     rows = [
         PromptRow(
             prompt=prompt,
-            before=[GalleryImage(torch.rand(3, 16, 16, generator=gen), reward=0.1234 + i) for i in range(2)],
-            after=[GalleryImage(torch.rand(3, 16, 16, generator=gen), reward=0.5678 + i) for i in range(2)],
+            before=[GallerySample(torch.rand(3, 16, 16, generator=gen), reward=0.1234 + i) for i in range(2)],
+            after=[GallerySample(torch.rand(3, 16, 16, generator=gen), reward=0.5678 + i) for i in range(2)],
         )
         for prompt in ("a red circle", "two green stars")
     ]

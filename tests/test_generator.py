@@ -80,8 +80,8 @@ def test_sampling_matches_plain_diffusers_pipeline(layout, scheduler, prediction
         output_type="pt",
         **kwargs,
     ).images
-    assert ours.images.shape == ref.shape
-    assert (ours.images - ref).abs().max() < 1e-5
+    assert ours.outputs.shape == ref.shape
+    assert (ours.outputs - ref).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("layout", ["sd", "sdxl"])
@@ -92,13 +92,13 @@ def test_importance_ratio_is_exactly_one_before_update(layout, scheduler, reduct
     options = SamplingOptions(num_inference_steps=5, guidance_scale=3.0, eta=1.0, log_prob_reduction=reduction)
     rollout = gen.sample(PROMPTS, options, seeds=SEEDS)
     traj = rollout.trajectory
-    steps = torch.nonzero(traj.schedule.stochastic).flatten()
-    recomputed = gen.log_prob(traj, steps, reduction=reduction)
+    steps = torch.nonzero(traj.trainable).flatten()
+    recomputed = gen.log_prob(traj, steps)
     ratio = torch.exp(recomputed - traj.log_probs[:, steps])
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
     # Per-sample step indices (as DDPO's timestep subsampling uses) give the same numbers.
     per_sample = torch.stack([steps.flip(0)] * len(PROMPTS))
-    assert torch.allclose(gen.log_prob(traj, per_sample, reduction), recomputed.flip(1), atol=1e-4)
+    assert torch.allclose(gen.log_prob(traj, per_sample), recomputed.flip(1), atol=1e-4)
 
 
 def test_recorded_log_prob_equals_normal_density_of_recorded_step():
@@ -107,14 +107,14 @@ def test_recorded_log_prob_equals_normal_density_of_recorded_step():
     traj = gen.sample(PROMPTS, options, seeds=SEEDS).trajectory
     i = 2
     _, mean, std = gen.step_log_prob(traj, torch.full((3,), i), return_mean=True)
-    ref = torch.distributions.Normal(mean.double(), std.double()).log_prob(traj.latents[:, i + 1].double())
+    ref = torch.distributions.Normal(mean.double(), std.double()).log_prob(traj.states[:, i + 1].double())
     assert torch.allclose(traj.log_probs[:, i].double(), ref.flatten(1).sum(1), rtol=1e-4)
 
 
 def test_ddpm_last_step_is_deterministic_and_excluded():
     gen = DiffusionGenerator.from_pipeline(_pipe("sd", "ddpm"))
     traj = gen.sample(PROMPTS[:1], SamplingOptions(num_inference_steps=4), seeds=SEEDS[:1]).trajectory
-    assert traj.schedule.stochastic.tolist() == [True, True, True, False]
+    assert traj.trainable.tolist() == [True, True, True, False]
     assert traj.log_probs[0, -1] == 0
 
 
@@ -123,10 +123,10 @@ def test_trajectory_shapes_and_chunked_sampling_is_invariant():
     options = SamplingOptions(num_inference_steps=3, guidance_scale=2.0)
     full = gen.sample(PROMPTS, options, seeds=SEEDS)
     chunked = gen.sample(PROMPTS, options, seeds=SEEDS, batch_size=2)
-    assert full.trajectory.latents.shape == (3, 4, 4, 16, 16)
+    assert full.trajectory.states.shape == (3, 4, 4, 16, 16)
     assert full.trajectory.log_probs.shape == (3, 3)
-    assert full.images.shape == (3, 3, 32, 32)
-    assert torch.allclose(full.images, chunked.images, atol=1e-5)
+    assert full.outputs.shape == (3, 3, 32, 32)
+    assert torch.allclose(full.outputs, chunked.outputs, atol=1e-5)
     assert torch.allclose(full.trajectory.log_probs, chunked.trajectory.log_probs, rtol=1e-5)
 
 
@@ -137,13 +137,13 @@ def test_save_and_load_through_from_pretrained(tmp_path, layout):
     loaded = DiffusionGenerator.from_pretrained(tmp_path / "model")
     assert (loaded.text_encoder_2 is not None) == (layout == "sdxl")
     options = SamplingOptions(num_inference_steps=3, guidance_scale=3.0)
-    a = DiffusionGenerator.from_pipeline(pipe).sample(PROMPTS, options, seeds=SEEDS).images
-    b = loaded.sample(PROMPTS, options, seeds=SEEDS).images
+    a = DiffusionGenerator.from_pipeline(pipe).sample(PROMPTS, options, seeds=SEEDS).outputs
+    b = loaded.sample(PROMPTS, options, seeds=SEEDS).outputs
     assert torch.allclose(a, b, atol=1e-6)
     # Our save_pretrained writes a folder that we and diffusers itself load back.
     loaded.save_pretrained(tmp_path / "again")
     assert DiffusionGenerator.from_pretrained(tmp_path / "again", scheduler="ddpm").scheduler.__class__ is DDPMScheduler
-    again = DiffusionGenerator.from_pretrained(tmp_path / "again").sample(PROMPTS, options, seeds=SEEDS).images
+    again = DiffusionGenerator.from_pretrained(tmp_path / "again").sample(PROMPTS, options, seeds=SEEDS).outputs
     assert torch.allclose(a, again, atol=1e-6)
     plain = (StableDiffusionXLPipeline if layout == "sdxl" else StableDiffusionPipeline).from_pretrained(tmp_path / "again")
     assert type(plain.unet) is type(pipe.unet)
@@ -178,7 +178,7 @@ def test_differentiable_sampling_tracks_only_last_k_steps():
     grads = {}
     for checkpoint in (True, False):
         out = gen.sample_differentiable(PROMPTS, options, grad_steps=2, seeds=SEEDS, checkpoint=checkpoint)
-        out.images.mean().backward()
+        out.outputs.mean().backward()
         grads[checkpoint] = [p.grad.clone() for p in params]
         for p in params:
             p.grad = None
@@ -187,12 +187,12 @@ def test_differentiable_sampling_tracks_only_last_k_steps():
         assert torch.allclose(a, b, atol=1e-6)
     # The forward pass equals ordinary sampling with the same seeds.
     with torch.no_grad():
-        plain = gen.sample(PROMPTS, options, seeds=SEEDS, return_trajectory=False).images
-        diff = gen.sample_differentiable(PROMPTS, options, grad_steps=2, seeds=SEEDS).images
+        plain = gen.sample(PROMPTS, options, seeds=SEEDS, return_trajectory=False).outputs
+        diff = gen.sample_differentiable(PROMPTS, options, grad_steps=2, seeds=SEEDS).outputs
     assert torch.allclose(plain, diff, atol=1e-5)
     lv = gen.sample_differentiable(PROMPTS, options, seeds=SEEDS, lv_rounds=2)
-    assert lv.images.shape[0] == 2 * len(PROMPTS) and lv.images.requires_grad
-    assert lv.prompts == PROMPTS * 2
+    assert lv.outputs.shape[0] == 2 * len(PROMPTS) and lv.outputs.requires_grad
+    assert lv.texts == PROMPTS * 2
 
 
 def test_transformer_denoiser_samples_with_exact_log_probs_and_round_trips(tmp_path):
@@ -209,14 +209,14 @@ def test_transformer_denoiser_samples_with_exact_log_probs_and_round_trips(tmp_p
     )
     options = SamplingOptions(num_inference_steps=4, guidance_scale=3.0, eta=1.0)
     rollout = gen.sample(PROMPTS, options, seeds=SEEDS)
-    assert rollout.images.shape == (3, 3, 32, 32)
+    assert rollout.outputs.shape == (3, 3, 32, 32)
     traj = rollout.trajectory
     ratio = torch.exp(gen.log_prob(traj, torch.arange(4)) - traj.log_probs)
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
     gen.save_pretrained(tmp_path / "dit")
     loaded = DiffusionGenerator.from_pretrained(tmp_path / "dit")
     assert isinstance(loaded.denoiser, PixArtTransformer2DModel) and loaded.use_encoder_attention_mask
-    assert torch.allclose(loaded.sample(PROMPTS, options, seeds=SEEDS).images, rollout.images, atol=1e-6)
+    assert torch.allclose(loaded.sample(PROMPTS, options, seeds=SEEDS).outputs, rollout.outputs, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -227,9 +227,9 @@ def test_half_precision_log_probs_score_the_stored_state(dtype):
     gen = DiffusionGenerator.from_pipeline(_pipe("sd")).to(dtype=dtype)
     options = SamplingOptions(num_inference_steps=6, guidance_scale=3.0, eta=1.0, log_prob_reduction="mean")
     traj = gen.sample(PROMPTS * 2, options, seeds=list(range(6))).trajectory
-    recomputed = gen.log_prob(traj, torch.arange(6), reduction="mean")
+    recomputed = gen.log_prob(traj, torch.arange(6))
     assert (recomputed.double() - traj.log_probs.double()).abs().max() < 1e-4 / 10  # a tenth of DDPO's ε
-    assert traj.latents.dtype == dtype and traj.log_probs.dtype == torch.float64
+    assert traj.states.dtype == dtype and traj.log_probs.dtype == torch.float64
 
 
 def test_summed_log_prob_of_an_sd_sized_latent_is_exact_to_float64():
@@ -284,7 +284,7 @@ def test_differentiable_sampling_runs_early_steps_without_grad_and_recomputes_ch
     out = gen.sample_differentiable(PROMPTS, options, grad_steps=2, seeds=SEEDS, checkpoint=checkpoint)
     # Forward: 3 untracked steps without autograd, then the 2 tracked ones with it.
     assert calls.grad_enabled == [False, False, False, True, True]
-    out.images.mean().backward()
+    out.outputs.mean().backward()
     # Backward: each checkpointed denoiser call runs once more (recomputation); without checkpointing none.
     assert len(calls.grad_enabled) == 5 + (2 if checkpoint else 0)
     assert gen.denoiser.conv_out.weight.grad.abs().sum() > 0

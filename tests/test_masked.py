@@ -78,7 +78,7 @@ def hand_q(position: int, k: int, T: int, temperature: float = 1.0) -> list[floa
 
 def test_toy_step_distribution_is_the_hand_enumerated_one():
     gen, T = toy_generator(), 4
-    options = MaskedSamplingOptions(num_steps=T)
+    options = MaskedSamplingOptions(num_inference_steps=T)
     all_masked = torch.tensor([[3, 3]])
     for k in range(T - 1):
         q = gen.transition_log_probs(all_masked, torch.tensor([k]), options).exp()[0]
@@ -89,14 +89,14 @@ def test_toy_step_distribution_is_the_hand_enumerated_one():
     assert q[1].tolist() == [0.0, 1.0, 0.0, 0.0]
     assert q[0].tolist() == pytest.approx(hand_q(0, 1, T), abs=1e-12)
     # Logit temperature: p ∝ p_stub^(1/τ).
-    cold = MaskedSamplingOptions(num_steps=T, temperature=0.5)
+    cold = MaskedSamplingOptions(num_inference_steps=T, temperature=0.5)
     q = gen.transition_log_probs(all_masked, torch.tensor([0]), cold).exp()[0]
     assert q[0].tolist() == pytest.approx(hand_q(0, 0, T, temperature=0.5), abs=1e-12)
 
 
 def test_toy_sampling_frequencies_carry_over_mask_and_final_argmax():
     gen, T, n = toy_generator(), 4, 3000
-    rollout = gen.sample([""] * n, MaskedSamplingOptions(num_steps=T), seeds=range(n))
+    rollout = gen.sample([""] * n, MaskedSamplingOptions(num_inference_steps=T), seeds=range(n))
     states = rollout.trajectory.states  # [n, T+1, 2]
     assert states.shape == (n, T + 1, 2) and states.dtype == torch.long
     assert (states[:, 0] == 3).all()
@@ -118,7 +118,7 @@ def test_toy_sampling_frequencies_carry_over_mask_and_final_argmax():
 
 def test_toy_recorded_log_probs_equal_hand_values():
     gen, T, n = toy_generator(), 4, 64
-    trajectory = gen.sample([""] * n, MaskedSamplingOptions(num_steps=T), seeds=range(n)).trajectory
+    trajectory = gen.sample([""] * n, MaskedSamplingOptions(num_inference_steps=T), seeds=range(n)).trajectory
     assert trajectory.trainable.tolist() == [True, True, True, False]
     assert trajectory.log_probs.dtype == torch.float64 and (trajectory.log_probs[:, T - 1] == 0).all()
     for b in range(n):
@@ -138,7 +138,7 @@ def test_reevaluated_log_probs_equal_recorded(backbone):
     gen = small_generator(backbone)
     assert isinstance(gen, Generator)
     T, n = 6, 8
-    trajectory = gen.sample([""] * n, MaskedSamplingOptions(num_steps=T, temperature=0.7), seeds=range(n)).trajectory
+    trajectory = gen.sample([""] * n, MaskedSamplingOptions(num_inference_steps=T, temperature=0.7), seeds=range(n)).trajectory
     assert trajectory.log_probs[:, : T - 1].lt(0).all()
     for k in range(T):
         ratio = torch.exp(gen.step_log_prob(trajectory, torch.full((n,), k)) - trajectory.log_probs[:, k])
@@ -154,7 +154,7 @@ def test_reevaluated_log_probs_equal_recorded(backbone):
 
 def test_chunked_sampling_equals_unchunked_and_texts_are_ignored():
     gen = small_generator()
-    options = MaskedSamplingOptions(num_steps=5)
+    options = MaskedSamplingOptions(num_inference_steps=5)
     whole = gen.sample([""] * 7, options, seeds=range(10, 17))
     chunked = gen.sample([f"prompt {i}" for i in range(7)], options, seeds=range(10, 17), batch_size=3)
     assert torch.equal(whole.outputs, chunked.outputs)
@@ -221,7 +221,7 @@ def test_pretraining_lowers_heldout_loss_and_learns_the_grammar(pretrained, gram
     losses = [entry["heldout_loss"] for entry in pretrained.history]
     assert [entry["step"] for entry in pretrained.history] == [0, 60, 120]
     assert losses[-1] < losses[0] - 0.15, losses
-    samples = pretrained.generator.sample([""] * 256, MaskedSamplingOptions(num_steps=32), seeds=range(256)).outputs
+    samples = pretrained.generator.sample([""] * 256, MaskedSamplingOptions(num_inference_steps=32), seeds=range(256)).outputs
     reference = grammar.sample(4000, 32, seed=1)
     uniform = torch.randint(4, (256, 32), generator=torch.Generator().manual_seed(2))
     assert kmer_total_variation(samples, reference, 3, 4) < 0.5 * kmer_total_variation(uniform, reference, 3, 4)
@@ -245,7 +245,7 @@ def test_sequence_files_in_three_formats(grammar, tmp_path):
 def test_save_load_round_trip_gives_identical_samples(pretrained, tmp_path):
     loaded = MaskedDiffusionGenerator.from_pretrained(pretrained.output_dir)
     assert loaded.config == pretrained.generator.config
-    options = MaskedSamplingOptions(num_steps=8)
+    options = MaskedSamplingOptions(num_inference_steps=8)
     a = pretrained.generator.sample([""] * 6, options, seeds=range(6))
     b = loaded.sample([""] * 6, options, seeds=range(6))
     assert torch.equal(a.outputs, b.outputs) and torch.equal(a.trajectory.log_probs, b.trajectory.log_probs)
@@ -298,7 +298,7 @@ def test_reference_under_lora_gives_base_log_probs(backbone, targets, tmp_path):
     from peft import LoraConfig, inject_adapter_in_model
 
     gen = small_generator(backbone)
-    trajectory = gen.sample([""] * 4, MaskedSamplingOptions(num_steps=4), seeds=range(4)).trajectory
+    trajectory = gen.sample([""] * 4, MaskedSamplingOptions(num_inference_steps=4), seeds=range(4)).trajectory
     step = torch.tensor([0, 1, 2, 1])
     base = gen.step_log_prob(trajectory, step).detach()
     inject_adapter_in_model(LoraConfig(r=2, target_modules=targets), gen.backbone)
@@ -316,7 +316,7 @@ def test_reference_under_lora_gives_base_log_probs(backbone, targets, tmp_path):
 
 def test_reference_under_full_fine_tuning_and_training_stand_ins():
     gen = small_generator()
-    trajectory = gen.sample([""] * 3, MaskedSamplingOptions(num_steps=3), seeds=range(3)).trajectory
+    trajectory = gen.sample([""] * 3, MaskedSamplingOptions(num_inference_steps=3), seeds=range(3)).trajectory
     with pytest.raises(RuntimeError, match="keep_reference_copy"):
         with gen.reference():
             pass
@@ -348,7 +348,7 @@ def test_reference_under_full_fine_tuning_and_training_stand_ins():
 
 def test_relaxed_sampler_gives_gradients_and_a_hard_one_hot():
     gen = small_generator()
-    options = MaskedSamplingOptions(num_steps=6)
+    options = MaskedSamplingOptions(num_inference_steps=6)
     rollout = gen.sample_differentiable([""] * 4, options, grad_steps=3, seeds=range(4), tau=0.5)
     out = rollout.outputs
     assert out.shape == (4, 12, 4) and rollout.trajectory is None and out.requires_grad

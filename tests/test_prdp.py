@@ -158,9 +158,9 @@ def test_implied_reward_correlation_and_kl_estimate():
 def _trainer_and_rollout(tiny_sd_dir, tmp_path, **overrides):
     config = tiny_config(tiny_sd_dir, tmp_path / "run", **overrides)
     pipeline = PRDPPipeline(config, reward=CountingReward())
-    steps = pipeline._stochastic_steps()
+    steps = pipeline.trainable_steps()
     trainer = Trainer(pipeline.generator, config.trainer, accumulation_steps=2 * len(steps), run_config={})
-    rollout = pipeline.generator.sample(PROMPTS[:2] * 2, config.sampling.options(), seeds=[1, 2, 3, 4])
+    rollout = pipeline.generator.sample(PROMPTS[:2] * 2, pipeline.options, seeds=[1, 2, 3, 4])
     return pipeline, trainer, rollout.trajectory, steps
 
 
@@ -180,7 +180,7 @@ def test_update_gradient_equals_autograd_of_the_exact_loss(tiny_sd_dir, tmp_path
     params = trainer.parameters
     direct = []
     for j, step in enumerate(steps):
-        direct.append(pipeline.generator.step_log_prob(trajectory, torch.full((4,), int(step)), reduction="mean"))
+        direct.append(pipeline.generator.step_log_prob(trajectory, torch.full((4,), int(step))))
     loss, _ = rdp_loss(torch.stack(direct, 1) - reference, rewards, groups, 0.05, clip_range)
     expected = torch.autograd.grad(loss, params)
 
@@ -226,7 +226,7 @@ def test_ddpm_scheduler_trains_every_stochastic_step(tiny_sd_dir, tmp_path):
     config = tiny_config(tiny_sd_dir, tmp_path / "run", epochs=1, **{"model.scheduler": "ddpm"})
     pipeline = PRDPPipeline(config, reward=CountingReward())
     # DDPM's last step adds no noise (σ ≈ 0): it has no density and is left out.
-    assert pipeline._stochastic_steps().tolist() == [0, 1]
+    assert pipeline.trainable_steps().tolist() == [0, 1]
     pipeline.train()
     assert _log(tmp_path / "run")[-1]["kl_epoch_start"] > 0
 

@@ -49,17 +49,17 @@ def test_tiny_build_writes_every_stage_and_loads_through_the_normal_paths(tiny_w
     generator = DiffusionGenerator.from_pretrained(tiny_world / "t2i")
     prompts = ["a small red circle at the top left on a black background", "top: a big blue disc over grey"]
     rollout = generator.sample(prompts, SamplingOptions(num_inference_steps=2, guidance_scale=3.0), seeds=[0, 1])
-    assert rollout.images.shape == (2, 3, 32, 32)
+    assert rollout.outputs.shape == (2, 3, 32, 32)
     assert rollout.trajectory.log_probs.shape == (2, 2)
     # A plain diffusers pipeline reads the same folder.
     pipe = StableDiffusionPipeline.from_pretrained(tiny_world / "t2i", safety_checker=None)
     assert pipe.unet.config.sample_size == 8 and pipe.scheduler.config.prediction_type == "v_prediction"
 
     clip_score = build_reward("clip_score", model=str(tiny_world / "clip"))
-    assert clip_score(rollout.images, prompts).rewards.shape == (2,)
+    assert clip_score(rollout.outputs, prompts).rewards.shape == (2,)
     aesthetic = build_reward("clip_aesthetic", model=str(tiny_world / "clip"), head=str(tiny_world / "aesthetic"))
-    assert torch.isfinite(aesthetic(rollout.images).rewards).all()
-    verdicts = ShapesGold(tiny_world / "judge")(rollout.images, prompts)
+    assert torch.isfinite(aesthetic(rollout.outputs).rewards).all()
+    verdicts = ShapesGold(tiny_world / "judge")(rollout.outputs, prompts)
     assert set(verdicts) == {"shape", "colour", "size", "position", "background", "all_correct"}
     assert all(v.shape == (2,) and ((v >= 0) & (v <= 1)).all() for v in verdicts.values())
 
@@ -110,7 +110,7 @@ def test_engine_evaluation_reports_gold_next_to_reward(tiny_world):
         [p for p in prompts for _ in range(2)], SamplingOptions(num_inference_steps=2), seeds=list(range(6)),
         return_trajectory=False,
     )
-    expected = gold(rollout.images, rollout.prompts)
+    expected = gold(rollout.outputs, rollout.texts)
     for name, verdict in expected.items():
         assert metrics[f"eval_gold_{name}"] == pytest.approx(float(verdict.mean()))
     assert "eval_reward_mean" in metrics

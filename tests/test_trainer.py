@@ -186,16 +186,22 @@ def test_replacing_a_checkpoint_keeps_a_complete_one_at_every_instant(tiny_sd_di
 
 
 class _ToyGenerator:
-    """The smallest thing a Trainer can train: one linear 'denoiser'."""
+    """The smallest thing a Trainer can train: one linear module (the protocol's training half)."""
 
     def __init__(self):
         torch.manual_seed(0)
         self.denoiser = torch.nn.Linear(3, 1)
-        self.denoiser_forward = None
+        self.forward_module = self.denoiser
 
     def to(self, device=None, dtype=None):
         self.denoiser.to(device)
         return self
+
+    def trainable_modules(self):
+        return {"net": self.denoiser}
+
+    def set_training_modules(self, modules):
+        self.forward_module = modules["net"]
 
 
 def test_non_finite_gradients_skip_the_update_and_stop_the_run_after_a_limit(tmp_path):

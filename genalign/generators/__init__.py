@@ -1,0 +1,48 @@
+"""Model families, each one `Generator` (see `genalign.generators.base`), found by name or by what a folder holds."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from genalign.generators.base import Conditions, Generator, ModelLoadError, Rollout, Trajectory
+
+__all__ = ["FAMILIES", "Conditions", "Generator", "ModelLoadError", "Rollout", "Trajectory", "detect_family",
+           "generator_class"]
+
+FAMILIES: dict[str, str] = {
+    "diffusion": "genalign.generators.diffusion:DiffusionGenerator",
+    "masked": "genalign.generators.masked:MaskedDiffusionGenerator",
+}
+
+
+def generator_class(family: str) -> type:
+    """The generator class of `family` (imported on demand)."""
+    if family not in FAMILIES:
+        raise ModelLoadError(f"unknown model family '{family}'; available: {', '.join(sorted(FAMILIES))}")
+    module, name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def detect_family(path: str) -> str:
+    """The family of a local folder from its files: model_index.json is diffusers', a config.json written by
+    `MaskedDiffusionGenerator.save_pretrained` is masked; anything that is not a folder is taken for a hub id
+    of a diffusers model."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return "diffusion"
+    if (folder / "model_index.json").exists():
+        return "diffusion"
+    config = folder / "config.json"
+    if config.exists():
+        try:
+            saved = json.loads(config.read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if isinstance(saved, dict) and saved.get("format") == "genalign.MaskedDiffusionGenerator":
+            return "masked"
+    raise ModelLoadError(
+        f"cannot tell which model family '{path}' holds: it has neither model_index.json (a diffusers pipeline) "
+        "nor a masked diffusion model's config.json; pass a folder written by save_pretrained, or set model.family"
+    )

@@ -15,7 +15,13 @@ implements `Generator`. A pipeline sees a generator as a stochastic policy:
 Outputs by modality (what rewards receive):
     "image":    [B, 3, H, W] float in [0, 1]
     "audio":    [B, samples] float waveform in [−1, 1]
-    "sequence": [B, L] long token ids (a generator may also expose soft one-hot [B, L, V] for gradients)
+    "sequence": [B, L] long token ids from `sample`; [B, L, V] straight-through one-hot floats from
+                `sample_differentiable` (sequence rewards accept both). Sequence generators also provide
+                `decode(outputs) -> list[str]` for writers and galleries.
+
+Re-evaluating a step in a batch of another size than it was sampled in agrees with the recorded log-prob to
+the kernels' round-off (float32 matmuls round differently per batch shape): ratios are 1 ± ~1e-6, not
+bit-exact 1; in the same batch they are exact.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from typing import Any, Callable, Iterator, Literal, Protocol, Sequence, runtime
 import torch
 
 Modality = Literal["image", "audio", "sequence"]
+
+
+class ModelLoadError(OSError):
+    """A model folder or hub id that cannot be loaded; the message says how to fix it."""
 
 
 @dataclass
@@ -210,6 +220,11 @@ class Generator(Protocol):
 
     modality: Modality
 
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> "Generator":
+        """Load from the family's native format (a folder, or a hub id where the family has a hub)."""
+        ...
+
     @property
     def device(self) -> torch.device: ...
 
@@ -231,6 +246,11 @@ class Generator(Protocol):
     ) -> Rollout:
         """One sample per condition. Per-sample `seeds` make each sample independent of batching and of which
         process draws it."""
+        ...
+
+    def trainable_steps(self, options: Any) -> torch.Tensor:
+        """[T] bool: which steps of a trajectory sampled with these options have a density to train on (known
+        before sampling, so that a pipeline can size its gradient accumulation)."""
         ...
 
     def step_log_prob(self, trajectory: Trajectory, step_index: torch.Tensor) -> torch.Tensor:
@@ -268,7 +288,14 @@ class Generator(Protocol):
         (`adapters_disabled`), or the frozen copy of `keep_reference_copy` under full fine-tuning."""
         ...
 
-    def save_pretrained(self, path) -> Any: ...
+    def save_pretrained(self, path) -> Any:
+        """Write the model (with its current weights) in the family's native format."""
+        ...
+
+    def save_adapter(self, path) -> Any:
+        """Write the trainable modules' LoRA adapters in the family's native format (diffusion: diffusers'
+        `pytorch_lora_weights.safetensors`, loadable by `load_lora_weights`)."""
+        ...
 
 
 # ----------------------------------------------------------------------------------- shared helpers

@@ -1,9 +1,13 @@
-"""Latent text-to-image diffusion as a policy: sampling with exact per-step log-probabilities.
+"""Latent text-to-image diffusion as a `Generator` (modality "image"): sampling with exact per-step log-probs.
 
 `DiffusionGenerator` wraps diffusers components (a UNet2DConditionModel or a 2-D transformer denoiser,
 AutoencoderKL, one or two CLIP text encoders with tokenizers, a DDIM/DDPM scheduler). It is the only code
-that knows this model family; pipelines talk to it through `sample`, `log_prob`, `sample_differentiable`,
-`decode` and `trainable_parameters`.
+that knows this model family; pipelines talk to it through the protocol of `genalign.generators.base`:
+`sample`, `step_log_prob`, `sample_differentiable`, `trainable_modules`, `reference`, `save_adapter`.
+
+A trajectory's states are the latents x_T … x_0 [B, T+1, C, h, w]; its conditioning holds the text embeddings
+(`embeds`, `attention_mask`, `pooled`, `time_ids`, and `uncond_*` for classifier-free guidance); its options
+are the `SamplingOptions` it was drawn with, from which the step schedule is rebuilt for re-evaluation.
 
 Sampling reproduces diffusers' StableDiffusion(XL)Pipeline bit for bit up to float rounding: same noise
 draws (one `randn_tensor` call per step, per-sample generators allowed), same CFG, same step formulas.
@@ -11,12 +15,14 @@ draws (one `randn_tensor` call per step, per-sample generators allowed), same CF
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -24,6 +30,15 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTokenizer
 
+from genalign.generators.base import (
+    Conditions,
+    ModelLoadError,
+    Rollout,
+    Trajectory,
+    adapter_layers,
+    adapters_disabled,
+    per_sample_generators,
+)
 from genalign.sampling import (
     LogProbReduction,
     StepSchedule,
@@ -37,10 +52,6 @@ GeneratorArg = torch.Generator | list[torch.Generator] | None
 _SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 # model_index.json key recording whether the denoiser attends with the text padding mask.
 _MASK_FLAG = "_genalign_use_encoder_attention_mask"
-
-
-class ModelLoadError(OSError):
-    """A model folder or hub id that cannot be loaded; the message says how to fix it."""
 
 
 @dataclass
@@ -71,6 +82,18 @@ class PromptEmbeds:
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
 
+    _NAMES = ("embeds", "attention_mask", "pooled", "time_ids")
+
+    def as_conditioning(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The tensors by name (`prefix` + field), as a trajectory's conditioning dict holds them."""
+        return {prefix + name: t for name, t in zip(self._NAMES, self._tensors()) if t is not None}
+
+    @classmethod
+    def from_conditioning(cls, conditioning: dict[str, torch.Tensor], prefix: str = "") -> "PromptEmbeds | None":
+        if prefix + "embeds" not in conditioning:
+            return None
+        return cls(*(conditioning.get(prefix + name) for name in cls._NAMES))
+
     @staticmethod
     def cat(items: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
         columns = zip(*(item._tensors() for item in items))
@@ -78,73 +101,9 @@ class PromptEmbeds:
 
 
 @dataclass
-class Trajectory:
-    """A batch of recorded reverse-diffusion trajectories.
-
-    Attributes:
-        latents: [B, T+1, C, h, w] states x_T … x_0 (index i holds the input of step i).
-        log_probs: [B, T] log π(x_{i+1} | x_i, c) at sampling time (0 on deterministic steps).
-        schedule: the step scalars (timesteps, ᾱ, σ) shared by the batch.
-        cond / uncond: conditioning used (uncond is None without CFG).
-        guidance_scale: CFG scale w.
-    """
-
-    latents: torch.Tensor
-    log_probs: torch.Tensor
-    schedule: StepSchedule
-    cond: PromptEmbeds
-    uncond: PromptEmbeds | None
-    guidance_scale: float
-
-    def __len__(self) -> int:
-        return int(self.latents.shape[0])
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Trajectory":
-        """Apply `fn` to every per-sample tensor (all of them have the batch as dimension 0)."""
-        return replace(
-            self,
-            latents=fn(self.latents),
-            log_probs=fn(self.log_probs),
-            cond=self.cond.map(fn),
-            uncond=None if self.uncond is None else self.uncond.map(fn),
-        )
-
-    def __getitem__(self, index) -> "Trajectory":
-        """Select samples (an index tensor, slice or list) along the batch dimension."""
-        return self.map(lambda t: t[index])
-
-    @staticmethod
-    def cat(items: Sequence["Trajectory"]) -> "Trajectory":
-        first = items[0]
-        return replace(
-            first,
-            latents=torch.cat([t.latents for t in items]),
-            log_probs=torch.cat([t.log_probs for t in items]),
-            cond=PromptEmbeds.cat([t.cond for t in items]),
-            uncond=None if first.uncond is None else PromptEmbeds.cat([t.uncond for t in items]),
-        )
-
-
-@dataclass
-class Rollout:
-    """What `sample` returns: prompts, decoded images and (optionally) the trajectory.
-
-    Attributes:
-        prompts: B prompts, one per sample.
-        images: [B, 3, H, W] in [0, 1] (None if decoding was skipped).
-        latents: [B, C, h, w] final latents x_0.
-        trajectory: recorded states and log-probs (None if not requested).
-    """
-
-    prompts: list[str]
-    images: torch.Tensor | None
-    latents: torch.Tensor
-    trajectory: Trajectory | None = None
-
-
-@dataclass
 class SamplingOptions:
-    """How to sample: steps, CFG, stochasticity and log-prob convention."""
+    """How to sample: steps, CFG, stochasticity and log-prob convention ("sum" over latent elements, the true
+    density, or their "mean")."""
 
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
@@ -169,6 +128,8 @@ class DiffusionGenerator:
     directly from components. Only the denoiser is ever trained; VAE and text encoders stay frozen.
     """
 
+    modality = "image"
+
     denoiser: torch.nn.Module
     vae: AutoencoderKL
     text_encoder: torch.nn.Module
@@ -179,10 +140,13 @@ class DiffusionGenerator:
     force_zeros_for_empty_prompt: bool = False
     use_encoder_attention_mask: bool = False
     source: str | None = None
-    # The module actually called in forward passes: the denoiser itself, or its distributed wrapper
-    # (DDP/FSDP) once a Trainer has prepared it. Configs and weights are always read from `denoiser`.
-    denoiser_forward: torch.nn.Module | None = field(default=None, repr=False)
+    # The module forward passes go through: the denoiser, or its distributed wrapper (DDP/FSDP) once a trainer
+    # has prepared it (`set_training_modules`). Configs and weights are always read from `denoiser`.
+    _forward: torch.nn.Module | None = field(default=None, repr=False)
+    _reference_copy: torch.nn.Module | None = field(default=None, repr=False)
+    _in_reference: bool = field(default=False, repr=False)
     _empty_cache: dict = field(default_factory=dict, repr=False)
+    _schedules: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for module in (self.vae, self.text_encoder, self.text_encoder_2):
@@ -318,7 +282,7 @@ class DiffusionGenerator:
         (path / "model_index.json").write_text(json.dumps(index, indent=2))
         return path
 
-    def save_lora_weights(self, path: str | os.PathLike) -> Path:
+    def save_adapter(self, path: str | os.PathLike) -> Path:
         """Write the denoiser's LoRA adapter as `pytorch_lora_weights.safetensors` in diffusers' format,
         so a plain diffusers pipeline of the same base model loads it with `pipe.load_lora_weights(path)`."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -358,11 +322,49 @@ class DiffusionGenerator:
         return self
 
     def _modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.denoiser, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
+        modules = (self.denoiser, self.vae, self.text_encoder, self.text_encoder_2, self._reference_copy)
+        return [m for m in modules if m is not None]
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters of the denoiser that require gradients (all of it, or only LoRA adapters)."""
-        return [p for p in self.denoiser.parameters() if p.requires_grad]
+    # ------------------------------------------------------------------ what trains, and the reference
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"denoiser": self.denoiser}
+
+    def set_training_modules(self, modules: dict[str, torch.nn.Module]) -> None:
+        if set(modules) - {"denoiser"}:
+            raise KeyError(f"unknown training modules {sorted(set(modules) - {'denoiser'})}; this generator trains 'denoiser'")
+        self._forward = modules["denoiser"]
+
+    def keep_reference_copy(self) -> None:
+        """Freeze a copy of the denoiser for `reference()` under full fine-tuning (LoRA needs none)."""
+        if not adapter_layers(self.trainable_modules()):
+            self._reference_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Compute with the pretrained denoiser: LoRA adapters disabled, or the frozen copy."""
+        if self._reference_copy is None:
+            with adapters_disabled(self.trainable_modules()):
+                yield
+            return
+        previous, self._in_reference = self._in_reference, True
+        try:
+            yield
+        finally:
+            self._in_reference = previous
+
+    def default_options(self) -> SamplingOptions:
+        return SamplingOptions()
+
+    def schedule(self, options: SamplingOptions) -> StepSchedule:
+        """The step scalars for these options (cached: re-evaluation rebuilds it for every batch)."""
+        key = (options.num_inference_steps, options.eta)
+        if key not in self._schedules:
+            self._schedules[key] = StepSchedule.from_scheduler(self.scheduler, options.num_inference_steps, options.eta)
+        return self._schedules[key]
+
+    def trainable_steps(self, options: SamplingOptions) -> torch.Tensor:
+        """[T] bool: the steps that have a density (σ > 0) under these options."""
+        return self.schedule(options).stochastic
 
     def default_size(self) -> tuple[int, int]:
         size = self.denoiser.config.sample_size
@@ -455,7 +457,10 @@ class DiffusionGenerator:
         if text.pooled is not None:
             added = {"text_embeds": text.pooled, "time_ids": text.time_ids}
         mask = text.attention_mask if self.use_encoder_attention_mask else None
-        forward = self.denoiser_forward or self.denoiser
+        if self._in_reference:
+            forward = self._reference_copy
+        else:
+            forward = self._forward or self.denoiser
         if isinstance(self.denoiser, UNet2DConditionModel):
             return forward(
                 latents,
@@ -493,8 +498,7 @@ class DiffusionGenerator:
         uncond = None
         if options.guidance_scale > 1.0:
             uncond = self.negative_embeds(len(prompts), height, width, options.negative_prompt)
-        schedule = StepSchedule.from_scheduler(self.scheduler, options.num_inference_steps, options.eta)
-        return height, width, cond, uncond, schedule
+        return height, width, cond, uncond, self.schedule(options)
 
     def initial_noise(self, batch: int, height: int, width: int, generator: GeneratorArg) -> torch.Tensor:
         """x_T ~ N(0, I) drawn as diffusers draws it (so equal seeds give equal images). [B, C, h, w]."""
@@ -505,58 +509,50 @@ class DiffusionGenerator:
     @torch.no_grad()
     def sample(
         self,
-        prompts: Sequence[str],
+        conditions: Conditions | Sequence[str],
         options: SamplingOptions | None = None,
         *,
-        generator: GeneratorArg = None,
         seeds: Sequence[int] | None = None,
+        generator: GeneratorArg = None,
         batch_size: int | None = None,
         return_trajectory: bool = True,
         decode: bool = True,
         progress: bool = False,
     ) -> Rollout:
-        """Sample one image per prompt (repeat a prompt for several), recording the trajectory.
+        """Sample one image per condition (repeat a prompt for several), recording the trajectory.
 
         Args:
-            prompts: B prompts.
-            generator: a torch.Generator or one per sample, as in diffusers; or pass `seeds` (one per
-                sample), which makes each sample independent of batching and of which process draws it.
+            conditions: B prompts (or `Conditions`; their texts are the prompts).
+            seeds: one per sample, which makes each sample independent of batching and of which process draws
+                it; or pass `generator` (a torch.Generator or one per sample), as in diffusers.
             batch_size: split into chunks of this size (memory); with per-sample seeds results do not change.
         Returns:
-            Rollout with images [B, 3, H, W] in [0, 1] and trajectory latents [B, T+1, C, h, w].
+            Rollout with outputs (images) [B, 3, H, W] in [0, 1] (None without `decode`), extras["latents"] the
+            final latents [B, C, h, w], and the trajectory (states [B, T+1, C, h, w]).
         """
         options = options or SamplingOptions()
-        prompts = list(prompts)
+        conditions = Conditions.coerce(conditions)
         if seeds is not None:
             if generator is not None:
                 raise ValueError("pass either generator or seeds, not both")
-            if len(seeds) != len(prompts):
-                raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per sample")
-            generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        chunk = batch_size or len(prompts)
-        if chunk < len(prompts):
+            generator = per_sample_generators(seeds, len(conditions))
+        chunk = batch_size or len(conditions)
+        if chunk < len(conditions):
             if generator is not None and not isinstance(generator, list):
                 raise ValueError("chunked sampling needs per-sample generators or seeds so chunks stay reproducible")
-            parts = []
-            for start in range(0, len(prompts), chunk):
-                gens = None if generator is None else generator[start : start + chunk]
-                parts.append(
-                    self.sample(
-                        prompts[start : start + chunk],
-                        options,
-                        generator=gens,
-                        return_trajectory=return_trajectory,
-                        decode=decode,
-                        progress=progress,
-                    )
+            return Rollout.cat([
+                self.sample(
+                    conditions[start : start + chunk],
+                    options,
+                    generator=None if generator is None else generator[start : start + chunk],
+                    return_trajectory=return_trajectory,
+                    decode=decode,
+                    progress=progress,
                 )
-            return Rollout(
-                prompts=prompts,
-                images=None if not decode else torch.cat([p.images for p in parts]),
-                latents=torch.cat([p.latents for p in parts]),
-                trajectory=Trajectory.cat([p.trajectory for p in parts]) if return_trajectory else None,
-            )
+                for start in range(0, len(conditions), chunk)
+            ])
 
+        prompts = conditions.texts
         height, width, cond, uncond, schedule = self._prepare(prompts, options)
         latents = self.initial_noise(len(prompts), height, width, generator)
         states, log_probs = [latents], []
@@ -584,18 +580,25 @@ class DiffusionGenerator:
                 log_probs.append(torch.zeros(len(prompts), device=self.device, dtype=torch.float64))
             if return_trajectory:
                 states.append(latents)
-        images = self.decode(latents) if decode else None
         trajectory = None
         if return_trajectory:
+            conditioning = cond.as_conditioning()
+            if uncond is not None:
+                conditioning.update(uncond.as_conditioning("uncond_"))
             trajectory = Trajectory(
-                latents=torch.stack(states, dim=1),
+                states=torch.stack(states, dim=1),
                 log_probs=torch.stack(log_probs, dim=1),
-                schedule=schedule,
-                cond=cond,
-                uncond=uncond,
-                guidance_scale=options.guidance_scale,
+                trainable=schedule.stochastic.clone(),
+                conditioning=conditioning,
+                options=options,
             )
-        return Rollout(prompts=prompts, images=images, latents=latents, trajectory=trajectory)
+        return Rollout(
+            outputs=self.decode(latents) if decode else None,
+            modality="image",
+            conditions=conditions,
+            trajectory=trajectory,
+            extras={"latents": latents},
+        )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, h, w] → images [B, 3, H, W] in [0, 1] (differentiable if latents are)."""
@@ -611,48 +614,50 @@ class DiffusionGenerator:
         self,
         trajectory: Trajectory,
         step_index: torch.Tensor,
-        reduction: LogProbReduction = "sum",
         return_mean: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """log π_θ(x_{i+1} | x_i, c) under the current weights, one denoiser call for the whole batch.
+        """log π_θ(x_{i+1} | x_i, c) under the current weights, one denoiser call for the whole batch, with the
+        trajectory's own log-prob reduction.
 
         Args:
             trajectory: B recorded trajectories.
             step_index: [B] step per sample (each must be a stochastic step).
         Returns:
-            [B] log-probs (differentiable w.r.t. the denoiser); with `return_mean`, also the step
+            [B] float64 log-probs (differentiable w.r.t. the denoiser); with `return_mean`, also the step
             mean [B, C, h, w] and std [B, 1, 1, 1] (for KL terms).
         """
-        batch = torch.arange(len(trajectory), device=trajectory.latents.device)
-        idx = step_index.to(trajectory.latents.device).long()
-        x_t = trajectory.latents[batch, idx].to(self.device)
-        x_next = trajectory.latents[batch, idx + 1].to(self.device)
-        t = trajectory.schedule.timesteps[idx.cpu()].to(self.device)
-        cond = trajectory.cond.map(lambda v: v.to(self.device))
-        uncond = None if trajectory.uncond is None else trajectory.uncond.map(lambda v: v.to(self.device))
-        model_output = self.predict(x_t, t, cond, uncond, trajectory.guidance_scale)
-        mean, std = step_mean(trajectory.schedule, model_output, x_t, idx)
-        log_prob = gaussian_log_prob(x_next, mean, std, reduction)
+        options: SamplingOptions = trajectory.options
+        schedule = self.schedule(options)
+        states = trajectory.states
+        batch = torch.arange(len(trajectory), device=states.device)
+        idx = torch.as_tensor(step_index, device=states.device).long().expand(len(trajectory))
+        x_t = states[batch, idx].to(self.device)
+        x_next = states[batch, idx + 1].to(self.device)
+        t = schedule.timesteps[idx.cpu()].to(self.device)
+        conditioning = {name: v.to(self.device) for name, v in trajectory.conditioning.items()}
+        cond = PromptEmbeds.from_conditioning(conditioning)
+        uncond = PromptEmbeds.from_conditioning(conditioning, "uncond_")
+        model_output = self.predict(x_t, t, cond, uncond, options.guidance_scale)
+        mean, std = step_mean(schedule, model_output, x_t, idx)
+        log_prob = gaussian_log_prob(x_next, mean, std, options.log_prob_reduction)
         return (log_prob, mean, std) if return_mean else log_prob
 
-    def log_prob(
-        self, trajectory: Trajectory, step_indices: torch.Tensor, reduction: LogProbReduction = "sum"
-    ) -> torch.Tensor:
+    def log_prob(self, trajectory: Trajectory, step_indices: torch.Tensor) -> torch.Tensor:
         """Re-evaluate log-probs on chosen steps. step_indices: [S] (same for all) or [B, S]. Returns [B, S]."""
         if step_indices.ndim == 1:
             step_indices = step_indices.unsqueeze(0).expand(len(trajectory), -1)
-        columns = [self.step_log_prob(trajectory, step_indices[:, j], reduction) for j in range(step_indices.shape[1])]
+        columns = [self.step_log_prob(trajectory, step_indices[:, j]) for j in range(step_indices.shape[1])]
         return torch.stack(columns, dim=1)
 
     # ------------------------------------------------------------------ reward-gradient sampling
     def sample_differentiable(
         self,
-        prompts: Sequence[str],
+        conditions: Conditions | Sequence[str],
         options: SamplingOptions | None = None,
         *,
         grad_steps: int = 1,
-        generator: GeneratorArg = None,
         seeds: Sequence[int] | None = None,
+        generator: GeneratorArg = None,
         checkpoint: bool = True,
         lv_rounds: int = 0,
     ) -> Rollout:
@@ -661,15 +666,17 @@ class DiffusionGenerator:
         The first T−K steps run under no_grad, so memory does not depend on them; each tracked denoiser
         call is wrapped in activation checkpointing (if `checkpoint`), so memory grows slowly with K.
         `lv_rounds` > 0 gives DRaFT-LV: after a no-grad pass to x_0, each round re-noises x_0 to the last
-        timestep and denoises it with gradients; images [lv_rounds·B, ...] are returned with prompts repeated.
+        timestep and denoises it with gradients; images [lv_rounds·B, ...] are returned with the conditions
+        repeated.
 
         Returns:
-            Rollout whose images [B, 3, H, W] carry gradients (no trajectory).
+            Rollout whose outputs (images [B, 3, H, W]) carry gradients (no trajectory).
         """
         options = options or SamplingOptions()
-        prompts = list(prompts)
+        conditions = Conditions.coerce(conditions)
         if seeds is not None:
-            generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+            generator = per_sample_generators(seeds, len(conditions))
+        prompts = conditions.texts
         height, width, cond, uncond, schedule = self._prepare(prompts, options)
         T = schedule.num_steps
         if not 1 <= grad_steps <= T:
@@ -697,13 +704,13 @@ class DiffusionGenerator:
 
         if lv_rounds > 0:
             latents = self._lv_denoise(latents.detach(), schedule, cond, uncond, options, lv_rounds, generator)
-            prompts = prompts * lv_rounds
+            conditions = Conditions.cat([conditions] * lv_rounds)
         decode = self.decode
         if checkpoint and torch.is_grad_enabled():
             images = torch.utils.checkpoint.checkpoint(decode, latents, use_reentrant=False)
         else:
             images = decode(latents)
-        return Rollout(prompts=prompts, images=images, latents=latents, trajectory=None)
+        return Rollout(outputs=images, modality="image", conditions=conditions, extras={"latents": latents})
 
     def _lv_denoise(
         self,

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from genalign.generators.base import (
     Conditions,
+    ModelLoadError,
     Rollout,
     Trajectory,
     adapter_layers,
@@ -64,7 +65,7 @@ WEIGHTS_NAME = "model.safetensors"
 _FORMAT = "genalign.MaskedDiffusionGenerator"
 
 
-class MaskedModelLoadError(OSError):
+class MaskedModelLoadError(ModelLoadError):
     """A folder that cannot be loaded as a masked diffusion model; the message says how to fix it."""
 
 
@@ -125,14 +126,17 @@ class MaskedSamplingOptions:
     """How to sample.
 
     Attributes:
-        num_steps: T reverse steps from t = 1 to 0 (the last one is the argmax).
+        num_inference_steps: T reverse steps from t = 1 to 0 (the last one is the argmax).
         temperature: logit temperature τ, p_θ = softmax(logits/τ).
         length: sequence length L (None: the model's `config.length`).
+        log_prob_reduction: a step's log-probability summed over the L positions ("sum", the true density) or
+            averaged over them ("mean", the per-position scale that DDPO's ε = 1e-4 is calibrated for).
     """
 
-    num_steps: int = 100
+    num_inference_steps: int = 100
     temperature: float = 1.0
     length: int | None = None
+    log_prob_reduction: Literal["sum", "mean"] = "sum"
 
 
 @dataclass(frozen=True)
@@ -421,9 +425,9 @@ class MaskedDiffusionGenerator:
         return cls(build_backbone(config), config)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *,
-                        device: torch.device | str | None = None) -> "MaskedDiffusionGenerator":
-        """Load a folder written by `save_pretrained` (config.json + model.safetensors)."""
+    def from_pretrained(cls, folder: str | Path, *, device: torch.device | str | None = None,
+                        torch_dtype: torch.dtype | None = None) -> "MaskedDiffusionGenerator":
+        """Load a folder written by `save_pretrained` (config.json + model.safetensors), optionally cast."""
         folder = Path(folder)
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
@@ -448,7 +452,12 @@ class MaskedDiffusionGenerator:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise MaskedModelLoadError(f"{weights_path} does not hold weights for the model in {CONFIG_NAME} "
                                        f"({first_line}); re-save the model with save_pretrained") from None
-        return generator.to(device) if device is not None else generator
+        return generator.to(device, torch_dtype)
+
+    def save_adapter(self, folder: str | Path) -> Path:
+        """This family's native form of a fine-tuned model is the whole (small) model with the LoRA adapters
+        merged in: the folder loads with `from_pretrained`."""
+        return self.save_pretrained(folder)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write config.json and model.safetensors into `folder` (created if needed). LoRA adapters, if any, are
@@ -532,6 +541,10 @@ class MaskedDiffusionGenerator:
     def default_options(self) -> MaskedSamplingOptions:
         return MaskedSamplingOptions()
 
+    def trainable_steps(self, options: MaskedSamplingOptions) -> torch.Tensor:
+        """[T] bool: every step but the last (the argmax, which has no density)."""
+        return torch.arange(options.num_inference_steps) < options.num_inference_steps - 1
+
     def _masking_levels(self, step_index: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """m_t, m_s [B] float64 for step k: t = 1 − k/T, s = 1 − (k+1)/T (one formula for sampling and
         re-evaluation, so both see bit-identical numbers)."""
@@ -545,7 +558,7 @@ class MaskedDiffusionGenerator:
         the masked-position distribution where x_t [B, L] is MASK, a point mass on the token elsewhere.
         Differentiable with respect to the backbone."""
         log_p0 = denoising_log_probs(self.logits(x_t).to(torch.float64), options.temperature)
-        m_t, m_s = self._masking_levels(step_index, options.num_steps)
+        m_t, m_s = self._masking_levels(step_index, options.num_inference_steps)
         return carry_over(masked_transition_log_probs(log_p0, m_t, m_s), x_t, self.mask_id)
 
     def _hard_step(self, x_t: torch.Tensor, k: int, options: MaskedSamplingOptions,
@@ -553,12 +566,12 @@ class MaskedDiffusionGenerator:
         """One sampled step k: x_s [B, L] and (if `record`) log π(x_s | x_t) [B] float64 (0 on the argmax step)."""
         B, L = x_t.shape
         log_q = self.transition_log_probs(x_t, torch.full((B,), k, device=x_t.device), options)
-        if k == options.num_steps - 1:
+        if k == options.num_inference_steps - 1:
             x_s = log_q[..., : self.mask_id].argmax(-1)
             return x_s, (torch.zeros(B, dtype=torch.float64, device=x_t.device) if record else None)
         # Gumbel-max: an exact draw from q per position.
         x_s = (log_q + _gumbel(_uniforms((L, self.mask_id + 1), generators, B, x_t.device))).argmax(-1)
-        return x_s, (log_q.gather(-1, x_s[..., None]).squeeze(-1).sum(-1) if record else None)
+        return x_s, (_reduce(log_q.gather(-1, x_s[..., None]).squeeze(-1), options) if record else None)
 
     def _resolve(self, conditions: Conditions | Sequence[str], options: MaskedSamplingOptions | None
                  ) -> tuple[Conditions, MaskedSamplingOptions, int]:
@@ -566,8 +579,8 @@ class MaskedDiffusionGenerator:
         if not len(conditions):
             raise ValueError("no conditions: pass one (e.g. \"\") per sample wanted")
         options = options or self.default_options()
-        if options.num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1; got {options.num_steps}")
+        if options.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1; got {options.num_inference_steps}")
         return conditions, options, options.length or self.config.length
 
     @torch.no_grad()
@@ -600,7 +613,7 @@ class MaskedDiffusionGenerator:
 
     def _sample_chunk(self, conditions: Conditions, options: MaskedSamplingOptions, length: int,
                       generators: list[torch.Generator] | None, record: bool, progress: bool) -> Rollout:
-        T = options.num_steps
+        T = options.num_inference_steps
         x = torch.full((len(conditions), length), self.mask_id, dtype=torch.long, device=self.device)
         states, log_probs = [x], []
         for k in tqdm(range(T), disable=not progress, desc="masked sampling", leave=False):
@@ -613,7 +626,7 @@ class MaskedDiffusionGenerator:
             trajectory = Trajectory(
                 states=torch.stack(states, dim=1),
                 log_probs=torch.stack(log_probs, dim=1),
-                trainable=torch.arange(T, device=x.device) < T - 1,
+                trainable=self.trainable_steps(options).to(x.device),
                 conditioning={},
                 options=options,
             )
@@ -629,7 +642,7 @@ class MaskedDiffusionGenerator:
         states = trajectory.states.to(device)
         x_t, x_s = states[rows, index], states[rows, index + 1]
         log_q = self.transition_log_probs(x_t, index, trajectory.options)
-        log_prob = log_q.gather(-1, x_s[..., None]).squeeze(-1).sum(-1)
+        log_prob = _reduce(log_q.gather(-1, x_s[..., None]).squeeze(-1), trajectory.options)
         return torch.where(trajectory.trainable.to(device)[index], log_prob, torch.zeros_like(log_prob))
 
     def sample_differentiable(
@@ -654,9 +667,9 @@ class MaskedDiffusionGenerator:
         no trajectory.
         """
         conditions, options, length = self._resolve(conditions, options)
-        T = options.num_steps
+        T = options.num_inference_steps
         if not 0 <= grad_steps <= T:
-            raise ValueError(f"grad_steps must be in [0, num_steps={T}]; got {grad_steps}")
+            raise ValueError(f"grad_steps must be in [0, num_inference_steps={T}]; got {grad_steps}")
         generators = per_sample_generators(seeds, len(conditions))
         B, V = len(conditions), self.vocab_size
         x = torch.full((B, length), self.mask_id, dtype=torch.long, device=self.device)
@@ -675,6 +688,11 @@ class MaskedDiffusionGenerator:
         real = soft[..., :V]
         hard = F.one_hot(real.argmax(-1), V).to(real.dtype)
         return Rollout(outputs=real + (hard - real).detach(), modality="sequence", conditions=conditions)
+
+
+def _reduce(per_position: torch.Tensor, options: MaskedSamplingOptions) -> torch.Tensor:
+    """[B, L] per-position log q → [B]: their sum (the step's log-density) or mean (`log_prob_reduction`)."""
+    return per_position.sum(-1) if options.log_prob_reduction == "sum" else per_position.mean(-1)
 
 
 def _merged(module: nn.Module) -> nn.Module:

@@ -228,7 +228,7 @@ def evaluate_world_model(
         list(prompts), options, seeds=[seed + i for i in range(len(prompts))], batch_size=batch_size,
         return_trajectory=False,
     )
-    verdict = ShapesGold(world / "judge")(rollout.images, prompts)
+    verdict = ShapesGold(world / "judge")(rollout.outputs, prompts)
     metrics = {f"gold_{name}": float(value.mean()) for name, value in verdict.items()}
     metrics.update(
         chance_shape=1 / len(shapes.SHAPES),
@@ -237,12 +237,12 @@ def evaluate_world_model(
         chance_position=1 / len(shapes.POSITIONS),
         chance_background=1 / len(shapes.BACKGROUNDS),
     )
-    metrics["clip_score"] = float(ClipScore(model=str(world / "clip"))(rollout.images, list(prompts)).rewards.mean())
+    metrics["clip_score"] = float(ClipScore(model=str(world / "clip"))(rollout.outputs, list(prompts)).rewards.mean())
     if (world / "aesthetic").exists():
         from rewards.clip_rewards import ClipAesthetic
 
         aesthetic = ClipAesthetic(model=str(world / "clip"), head=str(world / "aesthetic"))
-        metrics["aesthetic"] = float(aesthetic(rollout.images).rewards.mean())
+        metrics["aesthetic"] = float(aesthetic(rollout.outputs).rewards.mean())
     return metrics
 
 
