@@ -1,7 +1,7 @@
 """DDPO — policy-gradient fine-tuning of a generator's sampling chain (Black et al., 2023; spec 00).
 
 Each epoch: sample conditions × samples with per-step log-probs, score them, turn rewards into per-condition
-normalised advantages, then update the denoiser on a fraction of each trajectory's steps with the PPO-clip
+normalised advantages, then update the model on a fraction of each trajectory's steps with the PPO-clip
 loss ("is", importance sampling) or plain REINFORCE ("sf", score function, one step per rollout). Each inner
 epoch reshuffles the samples into updates and draws each trajectory's training steps afresh.
 """
@@ -115,7 +115,7 @@ class DDPOPipeline(Pipeline):
         )
         if c.variant == "is" and c.sampling.log_prob_reduction == "sum":
             trainer.warn(f"clip_range ε = {c.clip_range:g} is calibrated for sampling.log_prob_reduction=mean; "
-                         "with sum the log-ratio is summed over every latent element, so ρ leaves [1−ε, 1+ε] after "
+                         "with sum the log-ratio is summed over every element of the state, so ρ leaves [1−ε, 1+ε] after "
                          "the smallest update and almost every sample is clipped")
         if "stats" in state:
             self.tracker.load_state_dict(state["stats"])

@@ -2,7 +2,7 @@
 
 Each step samples a batch with gradients through the last K sampling steps only (DRaFT-K; AlignProp draws
 K at random per batch), scores it with a differentiable reward and minimises −reward. DRaFT-LV replaces the
-tracked steps by `lv_rounds` re-noise/denoise rounds at the last timestep; `checkpoint_denoiser` wraps each
+tracked steps by `lv_rounds` re-noise/denoise rounds at the last timestep; `checkpoint_steps` wraps each
 tracked step in activation checkpointing (both are options of the diffusion family's differentiable sampler).
 """
 
@@ -43,7 +43,7 @@ class DRaFTConfig(PipelineConfig):
     random_truncation: bool = False
     min_grad_steps: PositiveInt = 1
     lv_rounds: NonNegativeInt = 0
-    checkpoint_denoiser: bool = True
+    checkpoint_steps: bool = True
 
 
 def truncation_steps(config: DRaFTConfig, seed: int, epoch: int) -> int:
@@ -90,7 +90,7 @@ class DRaFTPipeline(Pipeline):
                             self.options,
                             grad_steps=k,
                             seeds=plan.seeds[chunk].tolist(),
-                            checkpoint=c.checkpoint_denoiser,
+                            checkpoint=c.checkpoint_steps,
                             lv_rounds=c.lv_rounds,
                         )
                         scores = on_every_process(trainer, lambda: self.reward(rollout.outputs, rollout.texts).rewards)

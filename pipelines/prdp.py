@@ -46,7 +46,7 @@ class PRDPConfig(PipelineConfig):
     clip_range: PositiveFloat | None = 1e-4  # ε on each step's log-ratio; null turns the proximal clipping off
     mean_over_steps: bool = False  # reference-code switch 1: r̂ averages the step log-ratios instead of summing
     positive_pairs_only: bool = False  # reference-code switch 2: average over ordered pairs with Δr > 0
-    train_batch_size: PositiveInt = 4  # trajectories per denoiser call in the update passes
+    train_batch_size: PositiveInt = 4  # trajectories per model call in the update passes
     probe_prompts: NonNegativeInt = 2  # groups re-evaluated after the updates for the diagnostics; 0 turns them off
 
 

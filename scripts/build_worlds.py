@@ -5,6 +5,7 @@
     python scripts/build_worlds.py shapes --stages t2i,report --force   # redo two stages
     python scripts/build_worlds.py shapes --out genalign/worlds/assets/shapes   # refresh the committed copy
     python scripts/build_worlds.py shapes-prompts --out configs/prompts   # shapes_train.txt, shapes_eval.txt
+    python scripts/build_worlds.py markov --out genalign/worlds/assets/markov   # grammar + masked model (~2 min)
 
 An interrupted build resumes at its first unfinished stage when run again with the same arguments.
 """
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from genalign.worlds.build_markov import RECIPES as MARKOV_RECIPES, build_markov_world  # noqa: E402
 from genalign.worlds.build_shapes import RECIPES, STAGES, build_shapes_world, shapes_prompts  # noqa: E402
 
 # Training captions for the shapes pipelines and held-out captions disjoint from them.
@@ -38,7 +40,7 @@ def write_shapes_prompts(folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("world", choices=["shapes", "shapes-prompts"], help="what to build")
+    parser.add_argument("world", choices=["shapes", "shapes-prompts", "markov"], help="what to build")
     parser.add_argument("--out", default=None, help="world folder (default: runs/worlds/<world>)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="full")
     parser.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
@@ -51,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         write_shapes_prompts(Path(args.out or "configs/prompts"))
         return 0
     out = Path(args.out or f"runs/worlds/{args.world}")
-    stages = args.stages.split(",") if args.stages else None
     start = time.perf_counter()
+    if args.world == "markov":
+        world = build_markov_world(out, MARKOV_RECIPES[args.recipe])
+        print(json.dumps(world["report"], indent=2))
+        print(f"world: {out.resolve()} ({time.perf_counter() - start:.0f} s)")
+        return 0
+    stages = args.stages.split(",") if args.stages else None
     world = build_shapes_world(out, RECIPES[args.recipe], stages=stages, force=args.force)
     print(json.dumps(world["stages"].get("report", {}), indent=2))
     print(f"world: {out.resolve()} ({time.perf_counter() - start:.0f} s)")

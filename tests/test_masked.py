@@ -19,11 +19,11 @@ from genalign.generators.masked import (
     dilated_conv1d,
     mdlm_loss,
 )
+from genalign.generators.masked_pretraining import encode_fixed_length, pretrain_masked, read_sequences
 from genalign.worlds.markov import MarkovGrammar, kmer_correlation, kmer_total_variation, write_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from bench_masked import bench_masked_sampling  # noqa: E402
-from pretrain_masked import encode_fixed_length, pretrain_masked, read_sequences  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ from typing import Any
 # name -> (module, class); imported on use so that `import genalign.worlds` stays light.
 GOLD_EVALUATORS: dict[str, tuple[str, str]] = {
     "shapes": ("genalign.worlds.shapes_judge", "ShapesGold"),
+    "markov": ("genalign.worlds.markov", "MarkovGold"),
 }
 
 

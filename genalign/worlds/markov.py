@@ -9,8 +9,10 @@ visible quickly; a small floor keeps every sequence possible (finite log-likelih
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -74,6 +76,41 @@ class MarkovGrammar:
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return ["".join(self.alphabet[i] for i in row) for row in ids.tolist()]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the chain as JSON (alphabet, order, transition rows)."""
+        path = Path(path)
+        path.write_text(json.dumps({"alphabet": self.alphabet, "order": self.order,
+                                    "transitions": self.transitions.tolist()}))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MarkovGrammar":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no Markov grammar at '{path}'; pass the grammar.json of a built Markov world, "
+                                    "e.g. genalign/worlds/assets/markov/grammar.json (scripts/build_worlds.py markov)")
+        saved = json.loads(path.read_text())
+        return cls(saved["alphabet"], int(saved["order"]), torch.tensor(saved["transitions"], dtype=torch.float64))
+
+
+class MarkovGold:
+    """The Markov world's gold evaluator: how natural sequences are under the true grammar, which no reward
+    sees. ``gold(ids, conditions) -> {"log_likelihood_per_token": [B]}`` (exact log p(x) / L, float on the CPU).
+
+    A reward that a model hacks by repeating one pattern shows here as a falling log-likelihood.
+
+    Args:
+        grammar: a grammar.json written by `MarkovGrammar.save`, or the world folder holding one.
+    """
+
+    def __init__(self, grammar: str | Path) -> None:
+        path = Path(grammar)
+        self.grammar = MarkovGrammar.load(path / "grammar.json" if path.is_dir() else path)
+
+    def __call__(self, outputs: torch.Tensor, conditions: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        ids = outputs.argmax(-1) if outputs.is_floating_point() else outputs
+        return {"log_likelihood_per_token": (self.grammar.log_likelihood(ids) / ids.shape[1]).float()}
 
 
 def kmer_frequencies(ids: torch.Tensor, k: int, vocab_size: int) -> torch.Tensor:
