@@ -16,30 +16,18 @@ import numpy as np
 import torch
 
 from genalign.config import ConfigError, PositiveFloat, PositiveInt
-from genalign.engine import (
-    EpochPlan,
-    Pipeline,
-    PipelineConfig,
-    SamplingConfig,
-    gather_trajectory,
-    reward_metrics,
-    split_batch,
-    total_reward,
-)
+from genalign.engine import (EpochPlan, Pipeline, PipelineConfig, SamplingConfig, gather_trajectory,
+    reward_metrics, split_batch, total_reward)
 from genalign.generators.base import Generator, Trajectory
 from genalign.stats import PerPromptStatTracker
 from genalign.trainer import Trainer, launched_processes
 
 
-def _default_sampling() -> SamplingConfig:
-    # ε = 1e-4 is calibrated for the per-element (mean) log-ratio, as in the public DDPO code.
-    return SamplingConfig(log_prob_reduction="mean")
-
-
 @dataclass
 class DDPOConfig(PipelineConfig):
     pipeline: Literal["ddpo"] = "ddpo"
-    sampling: SamplingConfig = field(default_factory=_default_sampling)
+    # ε = 1e-4 is calibrated for the per-element (mean) log-ratio, as in the public DDPO code.
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(log_prob_reduction="mean"))
     prompts_per_epoch: PositiveInt = 4
     samples_per_prompt: PositiveInt = 4
     updates_per_epoch: PositiveInt = 1

@@ -16,27 +16,16 @@ import numpy as np
 import torch
 
 from genalign.config import ConfigError, NonNegativeInt, PositiveInt
-from genalign.engine import (
-    Pipeline,
-    PipelineConfig,
-    RewardConfig,
-    on_every_process,
-    reward_metrics,
-    split_batch,
-    total_reward,
-)
+from genalign.engine import (Pipeline, PipelineConfig, RewardConfig, on_every_process, reward_metrics, split_batch,
+    total_reward)
 from genalign.generators.base import Generator
 from genalign.trainer import launched_processes
-
-
-def _default_reward() -> RewardConfig:
-    return RewardConfig(name="colorfulness")
 
 
 @dataclass
 class DRaFTConfig(PipelineConfig):
     pipeline: Literal["draft"] = "draft"
-    reward: RewardConfig = field(default_factory=_default_reward)
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(name="colorfulness"))
     batch_size: PositiveInt = 8
     train_batch_size: PositiveInt = 4
     grad_steps: PositiveInt = 1

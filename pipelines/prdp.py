@@ -23,15 +23,8 @@ import numpy as np
 import torch
 
 from genalign.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
-from genalign.engine import (
-    EpochPlan,
-    Pipeline,
-    PipelineConfig,
-    gather_in_order,
-    reward_metrics,
-    split_batch,
-    total_reward,
-)
+from genalign.engine import (EpochPlan, Pipeline, PipelineConfig, gather_in_order, reward_metrics, split_batch,
+    total_reward)
 from genalign.generators.base import Generator, Trajectory
 from genalign.trainer import Trainer, launched_processes
 

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench import paired  # noqa: E402
 from genalign.generators.masked import (  # noqa: E402
     MaskedDiffusionConfig,
     MaskedDiffusionGenerator,
@@ -51,16 +50,6 @@ def bare_sampling_loop(generator: MaskedDiffusionGenerator, num_samples: int,
             x0 = torch.multinomial(q.reshape(-1, V + 1), 1).reshape(num_samples, length)
         x = torch.where(x == mask, x0, x)
     return x
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def bench_masked_sampling(
@@ -98,13 +87,7 @@ def bench_masked_sampling(
     def bare() -> None:
         bare_sampling_loop(generator, num_samples, options)
 
-    ours()
-    bare()
-    t_bare, t_ours = [], []
-    for _ in range(repeats):
-        t_bare.append(_timed(bare))
-        t_ours.append(_timed(ours))
-    base, mine = statistics.median(t_bare), statistics.median(t_ours)
+    base, mine = paired(bare, ours, repeats)
     config = generator.config
     return {
         "benchmark": (f"masked sampling {num_samples} x {config.length} tokens, {num_steps} steps, "

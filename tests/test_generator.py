@@ -288,3 +288,42 @@ def test_differentiable_sampling_runs_early_steps_without_grad_and_recomputes_ch
     # Backward: each checkpointed denoiser call runs once more (recomputation); without checkpointing none.
     assert len(calls.grad_enabled) == 5 + (2 if checkpoint else 0)
     assert gen.denoiser.conv_out.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_reference_computes_with_the_pretrained_denoiser(tmp_path, lora):
+    """KL terms need π_pre without a second model under LoRA (adapters off) and with a frozen copy when fully
+    fine-tuned; outside the context the trained weights are back."""
+    from genalign.trainer import LoRAConfig, Trainer, TrainerConfig
+
+    gen = DiffusionGenerator.from_pipeline(_pipe("sd"))
+    options = SamplingOptions(num_inference_steps=3, guidance_scale=2.0)
+    traj = gen.sample(PROMPTS, options, seeds=SEEDS).trajectory
+    pretrained = gen.step_log_prob(traj, torch.zeros(3, dtype=torch.long)).detach()
+    trainer = Trainer(gen, TrainerConfig(output_dir=str(tmp_path), progress=False, lora=LoRAConfig(enabled=lora)),
+                      keep_reference=True)
+    with torch.no_grad():
+        for p in trainer.parameters:
+            p.add_(0.05 * torch.randn_like(p))
+    trained = gen.step_log_prob(traj, torch.zeros(3, dtype=torch.long)).detach()
+    with gen.reference():
+        reference = gen.step_log_prob(traj, torch.zeros(3, dtype=torch.long)).detach()
+    assert (trained - pretrained).abs().max() > 1e-3
+    assert torch.allclose(reference, pretrained, atol=1e-9)
+    assert torch.equal(gen.step_log_prob(traj, torch.zeros(3, dtype=torch.long)).detach(), trained)
+
+
+def test_conditions_carry_tensors_and_stable_keys():
+    from genalign.generators.base import Conditions
+
+    c = Conditions(["a", "b", "a"], {"control": torch.tensor([[1.0], [2.0], [1.0]])})
+    assert c.keys[0] == c.keys[2] != c.keys[1]  # same text and tensor → same key
+    assert Conditions(["a", "a"], {"control": torch.tensor([[1.0], [2.0]])}).keys[0] != c.keys[1]
+    assert Conditions(["a", "b"]).keys == ["a", "b"]
+    picked = c[torch.tensor([2, 0])]
+    assert picked.texts == ["a", "a"] and picked.tensors["control"].tolist() == [[1.0], [1.0]]
+    assert len(Conditions.cat([c, picked])) == 5
+    with pytest.raises(ValueError, match="2 rows for 3 conditions"):
+        Conditions(["a", "b", "c"], {"control": torch.zeros(2, 1)})
+    with pytest.raises(TypeError, match="not a single string"):
+        Conditions.coerce("a red circle")
