@@ -221,7 +221,8 @@ class DilatedConvNet(nn.Module):
         nn.init.zeros_(self.to_logits.weight)
         nn.init.zeros_(self.to_logits.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`conditioning` is accepted for the common backbone signature; this model is unconditional."""
         h = embed_tokens(x, self.token_embedding)
         for block in self.blocks:
             h = block(h)
@@ -277,7 +278,8 @@ class MaskedTransformer(nn.Module):
         nn.init.zeros_(self.to_logits.weight)
         nn.init.zeros_(self.to_logits.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`conditioning` is accepted for the common backbone signature; this model is unconditional."""
         length = x.shape[1]
         if length > self.position_embedding.shape[0]:
             raise ValueError(f"sequence length {length} exceeds the transformer's {self.position_embedding.shape[0]} "
@@ -523,10 +525,11 @@ class MaskedDiffusionGenerator:
             with adapters_disabled(self.trainable_modules()):
                 yield
 
-    def logits(self, x_t: torch.Tensor) -> torch.Tensor:
-        """Backbone logits [B, L, V+1] for x_t: [B, L] ids (MASK = V) or soft one-hot [B, L, V+1]."""
+    def logits(self, x_t: torch.Tensor, conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Backbone logits [B, L, V+1] for x_t: [B, L] ids (MASK = V) or soft one-hot [B, L, V+1], given the
+        samples' conditioning tensors (e.g. a protein backbone's coordinates; none for unconditional models)."""
         module = self._reference_copy if self._use_reference_copy else self._forward_modules["backbone"]
-        return module(x_t)
+        return module(x_t, conditioning) if conditioning else module(x_t)
 
     # ------------------------------------------------------------------ tokens
     def decode(self, ids: torch.Tensor) -> list[str]:
@@ -552,26 +555,39 @@ class MaskedDiffusionGenerator:
         return (self.schedule.mask_prob((num_steps - k) / num_steps),
                 self.schedule.mask_prob((num_steps - k - 1) / num_steps))
 
-    def transition_log_probs(self, x_t: torch.Tensor, step_index: torch.Tensor,
-                             options: MaskedSamplingOptions) -> torch.Tensor:
+    def transition_log_probs(self, x_t: torch.Tensor, step_index: torch.Tensor, options: MaskedSamplingOptions,
+                             conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """log q(x_s,i = v | x_t) of step `step_index` [B] for every position and token, [B, L, V+1] float64:
         the masked-position distribution where x_t [B, L] is MASK, a point mass on the token elsewhere.
         Differentiable with respect to the backbone."""
-        log_p0 = denoising_log_probs(self.logits(x_t).to(torch.float64), options.temperature)
+        log_p0 = denoising_log_probs(self.logits(x_t, conditioning).to(torch.float64), options.temperature)
         m_t, m_s = self._masking_levels(step_index, options.num_inference_steps)
         return carry_over(masked_transition_log_probs(log_p0, m_t, m_s), x_t, self.mask_id)
 
     def _hard_step(self, x_t: torch.Tensor, k: int, options: MaskedSamplingOptions,
-                   generators: list[torch.Generator] | None, record: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   generators: list[torch.Generator] | None, record: bool,
+                   conditioning: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One sampled step k: x_s [B, L] and (if `record`) log π(x_s | x_t) [B] float64 (0 on the argmax step)."""
         B, L = x_t.shape
-        log_q = self.transition_log_probs(x_t, torch.full((B,), k, device=x_t.device), options)
+        log_q = self.transition_log_probs(x_t, torch.full((B,), k, device=x_t.device), options, conditioning)
         if k == options.num_inference_steps - 1:
-            x_s = log_q[..., : self.mask_id].argmax(-1)
+            # Only still-masked positions take the argmax: padding (see `_initial_state`) stays as it is.
+            x_s = torch.where(x_t == self.mask_id, log_q[..., : self.mask_id].argmax(-1), x_t)
             return x_s, (torch.zeros(B, dtype=torch.float64, device=x_t.device) if record else None)
         # Gumbel-max: an exact draw from q per position.
         x_s = (log_q + _gumbel(_uniforms((L, self.mask_id + 1), generators, B, x_t.device))).argmax(-1)
-        return x_s, (_reduce(log_q.gather(-1, x_s[..., None]).squeeze(-1), options) if record else None)
+        return x_s, (_reduce(log_q.gather(-1, x_s[..., None]).squeeze(-1), options, conditioning) if record else None)
+
+    def _initial_state(self, batch: int, length: int, conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x_1: every position MASK, except padding positions (conditioning["valid"] False, for batches of
+        different lengths), which hold token 0 from the start, so they are never sampled and add nothing to a
+        step's log-probability or KL."""
+        x = torch.full((batch, length), self.mask_id, dtype=torch.long, device=self.device)
+        valid = conditioning.get("valid")
+        return x if valid is None else torch.where(valid.to(self.device).bool(), x, torch.zeros_like(x))
+
+    def _conditioning(self, conditions: Conditions) -> dict[str, torch.Tensor]:
+        return {name: t.to(self.device) for name, t in conditions.tensors.items()}
 
     def _resolve(self, conditions: Conditions | Sequence[str], options: MaskedSamplingOptions | None
                  ) -> tuple[Conditions, MaskedSamplingOptions, int]:
@@ -602,6 +618,8 @@ class MaskedDiffusionGenerator:
         `batch_size` chunking.
         """
         conditions, options, length = self._resolve(conditions, options)
+        if "valid" in conditions.tensors:
+            length = conditions.tensors["valid"].shape[1]
         generators = per_sample_generators(seeds, len(conditions))
         chunk = batch_size or len(conditions)
         parts = []
@@ -614,10 +632,11 @@ class MaskedDiffusionGenerator:
     def _sample_chunk(self, conditions: Conditions, options: MaskedSamplingOptions, length: int,
                       generators: list[torch.Generator] | None, record: bool, progress: bool) -> Rollout:
         T = options.num_inference_steps
-        x = torch.full((len(conditions), length), self.mask_id, dtype=torch.long, device=self.device)
+        conditioning = self._conditioning(conditions)
+        x = self._initial_state(len(conditions), length, conditioning)
         states, log_probs = [x], []
         for k in tqdm(range(T), disable=not progress, desc="masked sampling", leave=False):
-            x, log_prob = self._hard_step(x, k, options, generators, record)
+            x, log_prob = self._hard_step(x, k, options, generators, record, conditioning)
             if record:
                 states.append(x)
                 log_probs.append(log_prob)
@@ -627,7 +646,7 @@ class MaskedDiffusionGenerator:
                 states=torch.stack(states, dim=1),
                 log_probs=torch.stack(log_probs, dim=1),
                 trainable=self.trainable_steps(options).to(x.device),
-                conditioning={},
+                conditioning=conditioning,
                 options=options,
             )
         return Rollout(outputs=x, modality="sequence", conditions=conditions, trajectory=trajectory)
@@ -641,8 +660,9 @@ class MaskedDiffusionGenerator:
         rows = torch.arange(B, device=device)
         states = trajectory.states.to(device)
         x_t, x_s = states[rows, index], states[rows, index + 1]
-        log_q = self.transition_log_probs(x_t, index, trajectory.options)
-        log_prob = _reduce(log_q.gather(-1, x_s[..., None]).squeeze(-1), trajectory.options)
+        conditioning = {name: t.to(device) for name, t in trajectory.conditioning.items()}
+        log_q = self.transition_log_probs(x_t, index, trajectory.options, conditioning)
+        log_prob = _reduce(log_q.gather(-1, x_s[..., None]).squeeze(-1), trajectory.options, conditioning)
         return torch.where(trajectory.trainable.to(device)[index], log_prob, torch.zeros_like(log_prob))
 
     def sample_differentiable(
@@ -653,6 +673,7 @@ class MaskedDiffusionGenerator:
         grad_steps: int = 1,
         seeds: Sequence[int] | None = None,
         tau: float = 1.0,
+        kl_to_reference: bool = False,
     ) -> Rollout:
         """DRAKES's relaxed sampler: outputs carry gradients through the last K = `grad_steps` steps.
 
@@ -662,24 +683,40 @@ class MaskedDiffusionGenerator:
         x ← c·x + (1 − c)·x̃ with c = 1 − x[MASK] (what is unmasked stays). All K steps are Gumbel-softmax draws,
         the last included (where `sample` takes the argmax); with K = 0 the result equals `sample`'s.
 
-        Returns a Rollout whose outputs are the straight-through one-hot [B, L, V] float: forward value the
-        one-hot of the argmax over real tokens, gradient that of the relaxed x (sequence rewards accept this);
-        no trajectory.
+        Args:
+            kl_to_reference: also return what DRAKES's KL term needs: extras["kl_relaxed"] [B], the exact KL
+                (`step_kl`) summed over the K relaxed steps, differentiable through their soft states and the
+                model; and extras["hard_states"] [B, T−K, L], the inputs of the hard steps, whose KL terms
+                (`step_kl` on each) depend on the model but not on each other, so they can be evaluated and
+                backpropagated in chunks without one graph over all T steps.
+        Returns:
+            A Rollout whose outputs are the straight-through one-hot [B, L, V] float: forward value the one-hot
+            of the argmax over real tokens, gradient that of the relaxed x (sequence rewards accept this);
+            no trajectory.
         """
         conditions, options, length = self._resolve(conditions, options)
         T = options.num_inference_steps
         if not 0 <= grad_steps <= T:
             raise ValueError(f"grad_steps must be in [0, num_inference_steps={T}]; got {grad_steps}")
         generators = per_sample_generators(seeds, len(conditions))
+        conditioning = self._conditioning(conditions)
+        if "valid" in conditioning:
+            length = conditioning["valid"].shape[1]
         B, V = len(conditions), self.vocab_size
-        x = torch.full((B, length), self.mask_id, dtype=torch.long, device=self.device)
+        x = self._initial_state(B, length, conditioning)
+        hard_states = []
         with torch.no_grad():
             for k in range(T - grad_steps):
-                x, _ = self._hard_step(x, k, options, generators, record=False)
+                hard_states.append(x)
+                x, _ = self._hard_step(x, k, options, generators, False, conditioning)
         soft = F.one_hot(x, V + 1).to(self.dtype)
+        kl = torch.zeros(B, dtype=torch.float64, device=self.device)
         for k in range(T - grad_steps, T):
-            log_p0 = denoising_log_probs(self.logits(soft), options.temperature)
-            m_t, m_s = self._masking_levels(torch.full((B,), k, device=x.device), T)
+            step = torch.full((B,), k, device=x.device)
+            log_p0 = denoising_log_probs(self.logits(soft, conditioning), options.temperature)
+            if kl_to_reference:
+                kl = kl + self._kl_from_log_p0(log_p0, soft, step, options, conditioning)
+            m_t, m_s = self._masking_levels(step, T)
             log_q = masked_transition_log_probs(log_p0, m_t, m_s)
             noise = _gumbel(_uniforms((length, V + 1), generators, B, x.device)).to(log_q.dtype)
             relaxed = torch.softmax((log_q + noise) / tau, dim=-1)
@@ -687,12 +724,51 @@ class MaskedDiffusionGenerator:
             soft = keep * soft + (1.0 - keep) * relaxed
         real = soft[..., :V]
         hard = F.one_hot(real.argmax(-1), V).to(real.dtype)
-        return Rollout(outputs=real + (hard - real).detach(), modality="sequence", conditions=conditions)
+        extras = {}
+        if kl_to_reference:
+            extras["kl_relaxed"] = kl
+            extras["hard_states"] = (torch.stack(hard_states, dim=1) if hard_states
+                                     else torch.zeros(B, 0, length, dtype=torch.long, device=self.device))
+        return Rollout(outputs=real + (hard - real).detach(), modality="sequence", conditions=conditions,
+                       extras=extras)
+
+    def step_kl(self, x_t: torch.Tensor, step_index: torch.Tensor, options: MaskedSamplingOptions,
+                conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The exact KL between this model's reverse step and the pretrained model's (`reference()`) at x_t.
+
+            KL_t = Σ_i w_i · (m_t − m_s)/m_t · KL(p_θ(·|x_t)_i ‖ p_pre(·|x_t)_i)
+
+        over positions still masked at t: w_i = 1 where x_t is MASK for ids [B, L], and w_i = x_t[i, MASK] for a
+        soft state [B, L, V+1] (the same, on hard one-hots). Unmasked positions are carried over by both models,
+        so they contribute nothing; the MASK outcome has the same probability m_s/m_t under both.
+
+        Returns [B] float64, differentiable with respect to this model (the reference is evaluated without
+        gradients).
+        """
+        log_p0 = denoising_log_probs(self.logits(x_t, conditioning), options.temperature)
+        return self._kl_from_log_p0(log_p0, x_t, torch.as_tensor(step_index, device=x_t.device).expand(len(x_t)),
+                                    options, conditioning)
+
+    def _kl_from_log_p0(self, log_p0: torch.Tensor, x_t: torch.Tensor, step_index: torch.Tensor,
+                        options: MaskedSamplingOptions, conditioning: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        with torch.no_grad(), self.reference():
+            log_pre = denoising_log_probs(self.logits(x_t, conditioning), options.temperature)
+        real_p0, real_pre = log_p0[..., :-1].double(), log_pre[..., :-1].double()
+        per_position = (real_p0.exp() * (real_p0 - real_pre)).sum(-1)  # KL(p_θ ‖ p_pre) at every position
+        masked = (x_t == self.mask_id).double() if not x_t.is_floating_point() else x_t[..., self.mask_id].double()
+        m_t, m_s = self._masking_levels(step_index, options.num_inference_steps)
+        return ((m_t - m_s) / m_t) * (masked * per_position).sum(-1)
 
 
-def _reduce(per_position: torch.Tensor, options: MaskedSamplingOptions) -> torch.Tensor:
-    """[B, L] per-position log q → [B]: their sum (the step's log-density) or mean (`log_prob_reduction`)."""
-    return per_position.sum(-1) if options.log_prob_reduction == "sum" else per_position.mean(-1)
+def _reduce(per_position: torch.Tensor, options: MaskedSamplingOptions,
+            conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """[B, L] per-position log q → [B]: their sum (the step's log-density) or mean over the (valid) positions
+    (`log_prob_reduction`). Padding positions contribute 0 to the sum and are not counted in the mean."""
+    if options.log_prob_reduction == "sum":
+        return per_position.sum(-1)
+    valid = (conditioning or {}).get("valid")
+    count = per_position.shape[-1] if valid is None else valid.to(per_position.device).sum(-1).clamp(min=1)
+    return per_position.sum(-1) / count
 
 
 def _merged(module: nn.Module) -> nn.Module:
