@@ -80,7 +80,7 @@ def _run_prompts(path: str | None, config) -> list[str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from genalign.engine import build_reward
+    from genalign.engine import build_gold, build_reward
     from genalign.writers import write_samples
 
     generator, config = load_run_generator(args.run, args.checkpoint, trained=not args.base,
@@ -93,7 +93,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     rollout = generator.sample(batch, config.sampling.options(generator), seeds=seeds,
                                batch_size=config.sampling.batch_size, return_trajectory=False)
     scores = reward(rollout.outputs, rollout.texts).rewards
-    records = [{"prompt": prompt, "seed": seed, config.reward.name: scores[i].tolist()}
+    gold = build_gold(config.eval.gold)
+    verdicts = {k: v.cpu() for k, v in gold(rollout.outputs, rollout.texts).items()} if gold else {}
+    records = [{"prompt": prompt, "seed": seed, config.reward.name: scores[i].tolist(),
+                **{f"gold_{k}": float(v[i]) for k, v in verdicts.items()}}
                for i, (prompt, seed) in enumerate(zip(batch, seeds))]
     write_samples(rollout, generator, Path(args.out), records)
     print(f"wrote {len(batch)} {rollout.modality} samples to {args.out}")
@@ -101,8 +104,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _gold_label(verdict: dict[str, float]) -> str:
-    """One sample's gold verdict as text: "correct", or the attributes it got wrong."""
-    if verdict.get("all_correct", 0.0) == 1.0:
+    """One sample's gold verdict as text: for a verdict of correct/incorrect attributes (one with "all_correct"),
+    "correct" or the attributes it got wrong; otherwise every gold score (e.g. activity, recovery)."""
+    if "all_correct" not in verdict:
+        return ", ".join(f"{name} {value:.3g}" for name, value in verdict.items())
+    if verdict["all_correct"] == 1.0:
         return "correct"
     wrong = [name for name, value in verdict.items() if name != "all_correct" and value < 1.0]
     return "wrong: " + (", ".join(wrong) if wrong else "extra shapes")
@@ -111,7 +117,8 @@ def _gold_label(verdict: dict[str, float]) -> str:
 def cmd_gallery(args: argparse.Namespace) -> int:
     from genalign.engine import build_gold, build_reward, total_reward
     from genalign.gallery import PromptRow, write_gallery
-    from genalign.writers import gallery_samples
+    from genalign.generators.base import Rollout
+    from genalign.writers import gallery_samples, sample_figures
 
     run = Path(args.run)
     base, config = load_run_generator(run, trained=False)
@@ -133,22 +140,30 @@ def cmd_gallery(args: argparse.Namespace) -> int:
             {"seed": str(seed), **({"gold": _gold_label({k: float(v[i]) for k, v in verdicts.items()})} if gold else {})}
             for i, seed in enumerate(seeds)
         ]
-        results[name] = (gallery_samples(rollout, generator, scores.tolist(), labels), scores, verdicts)
+        results[name] = (gallery_samples(rollout, generator, scores.tolist(), labels), scores, verdicts, rollout)
+
+    def prompt_rollout(rollout: Rollout, p: int) -> Rollout:
+        rows = slice(p * args.n, (p + 1) * args.n)
+        return Rollout(outputs=rollout.outputs[rows], modality=rollout.modality, conditions=rollout.conditions[rows])
+
     rows = [
         PromptRow(prompt=prompt or "(unconditional)",
-                  **{name: samples[p * args.n : (p + 1) * args.n] for name, (samples, _, _) in results.items()})
+                  **{name: samples[p * args.n : (p + 1) * args.n] for name, (samples, *_) in results.items()},
+                  figures=sample_figures({name: prompt_rollout(r[3], p) for name, r in results.items()}, tuned))
         for p, prompt in enumerate(prompts)
     ]
     summary: dict[str, float | str] = {"reward": config.reward.name}
-    for name, (_, scores, verdicts) in results.items():
+    for name, (_, scores, verdicts, _) in results.items():
         summary[f"mean reward {name}"] = float(scores.mean())
         for key, value in verdicts.items():
             summary[f"gold {key} {name}"] = float(value.mean())
     summary["samples per grid"] = args.n
     metrics = run / "metrics.jsonl"
-    plot_keys = ["reward_mean", "eval_reward_mean", "approx_kl_after_update", "grad_norm"]
-    if gold is not None:
-        plot_keys[2:2] = ["eval_gold_all_correct", "eval_gold_position", "eval_gold_colour"]
+    plot_keys = ["reward_mean", "eval_reward_mean", "approx_kl_after_update", "kl", "grad_norm"]
+    gold_keys = list(results["after"][2])
+    if "all_correct" in gold_keys:
+        gold_keys = ["all_correct", "position", "colour"]
+    plot_keys[2:2] = [f"eval_gold_{key}" for key in gold_keys[:4]]
     index = write_gallery(
         Path(args.out) if args.out else run / "gallery",
         rows,

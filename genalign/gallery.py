@@ -45,11 +45,13 @@ class GallerySample:
 
 @dataclass
 class PromptRow:
-    """All samples for one prompt, from the model before and after fine-tuning."""
+    """All samples for one prompt, from the model before and after fine-tuning, and figures about them (e.g.
+    sequence logos of each side), as (caption, image) pairs shown above the grids."""
 
     prompt: str
     before: list[GallerySample]
     after: list[GallerySample]
+    figures: list[tuple[str, Image.Image]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- io
@@ -304,13 +306,19 @@ def write_gallery(
         body.append(f"<h2>Training curves</h2><p>{tag}</p>")
 
     for idx, row in enumerate(rows):
+        figures = []
+        for k, (caption, figure) in enumerate(row.figures):
+            name = f"p{idx:03d}_figure_{k:02d}.png"
+            _atomic_write(images_dir / name, lambda tmp, figure=figure: figure.save(tmp, format="PNG"))
+            tag = _img_tag(f"images/{name}", caption, figure.size, "figure")
+            figures.append(f"<figure>{tag}<figcaption>{_esc(caption)}</figcaption></figure>")
         grids = "".join(
             _grid_html(side, samples, idx, row.prompt, images_dir, upscale_to)
             for side, samples in (("before", row.before), ("after", row.after))
         )
         body.append(
             f'<section class="prompt" id="prompt-{idx}"><h2>Prompt {idx + 1}</h2>'
-            f'<p class="prompt-text">{_esc(row.prompt)}</p>{grids}</section>'
+            f'<p class="prompt-text">{_esc(row.prompt)}</p>{"".join(figures)}{grids}</section>'
         )
 
     page = (

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from PIL import Image
+
 from genalign.gallery import GallerySample, to_pil
 from genalign.generators.base import Generator, Rollout
 
@@ -52,3 +54,19 @@ def gallery_samples(rollout: Rollout, generator: Generator, rewards: Sequence[fl
     """The rollout's samples as gallery entries with their rewards and labels."""
     return [GallerySample(image=item, reward=float(r), labels=label)
             for item, r, label in zip(displayable(rollout, generator), rewards, labels)]
+
+
+def sample_figures(rollouts: dict[str, Rollout], generator: Generator) -> list[tuple[str, Image.Image]]:
+    """Figures about sets of samples (side name → that side's rollout for one prompt): a sequence logo per side
+    for sequences; none for images, which the grid already shows."""
+    figures = []
+    for side, rollout in rollouts.items():
+        if rollout.modality != "sequence":
+            continue
+        from genalign.sequence_logo import sequence_logo
+
+        texts = generator.decode(rollout.outputs)
+        alphabet = "".join(generator.config.tokens)
+        figures.append((f"sequence logo, {side} ({len(texts)} samples)",
+                        sequence_logo(texts, alphabet, title=f"{side}: {len(texts)} samples")))
+    return figures

@@ -102,9 +102,15 @@ def test_masked_run_resumes_exactly_and_the_command_line_writes_sequences(tmp_pa
     assert all(len(r["sequence"]) == 32 and set(r["sequence"]) <= set("ACGT") for r in records)
     overlapping = lambda text: sum(text[i : i + 3] == "ATA" for i in range(len(text) - 2))  # noqa: E731
     assert all(r["motif_count"] == overlapping(r["sequence"]) for r in records)
+    # The Markov gold's per-sample verdict travels with each sequence.
+    assert all(isinstance(r["gold_log_likelihood_per_token"], float) for r in records)
     assert main(["gallery", "--run", str(tmp_path / "straight"), "--n", "2"]) == 0
-    page = (tmp_path / "straight" / "gallery" / "index.html").read_text()
+    gallery = tmp_path / "straight" / "gallery"
+    page = (gallery / "index.html").read_text()
     assert page.count('<pre class="sequence">') == 4 and "(unconditional)" in page
+    assert "sequence logo, before (2 samples)" in page and "sequence logo, after (2 samples)" in page
+    assert (gallery / "images" / "p000_figure_01.png").stat().st_size > 1000
+    assert "log_likelihood_per_token -" in page  # numeric gold verdicts are shown per sample
 
 
 class _Toy:
