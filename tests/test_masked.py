@@ -367,3 +367,14 @@ def test_bench_row_has_the_bench_format():
     row = bench_masked_sampling(small_generator(), num_samples=4, num_steps=3, repeats=1)
     assert set(row) == {"benchmark", "baseline", "baseline_s", "ours_s", "ratio", "samples_per_s"}
     assert row["ratio"] > 0
+
+
+def test_log_likelihood_bound_is_exact_for_a_position_independent_model():
+    """For the fixed toy (p_θ ignores x_t) the ELBO's expectation is (1 − ε)·log p(x), log p(x) = Σ_i log P0[i][x_i]:
+    a position is masked with probability m_t = (1 − ε)t and weighted by 1/t. A bound that forgot the weight
+    would be about half of it; one that counted unmasked positions would be off too."""
+    gen = toy_generator()
+    ids = torch.tensor([[0, 0], [2, 1], [1, 2]])
+    exact = torch.tensor([math.log(P0[0][a]) + math.log(P0[1][b]) for a, b in ids.tolist()], dtype=torch.float64)
+    bound = gen.log_likelihood_bound(ids, num_draws=4000, seed=0)
+    assert torch.allclose(bound, exact, rtol=0.05), (bound, exact)

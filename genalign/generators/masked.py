@@ -603,6 +603,31 @@ class MaskedDiffusionGenerator:
         x_s = (log_q + _gumbel(_uniforms((L, self.mask_id + 1), generators, B, x_t.device))).argmax(-1)
         return x_s, (_reduce(log_q.gather(-1, x_s[..., None]).squeeze(-1), options, conditioning) if record else None)
 
+    @torch.no_grad()
+    def log_likelihood_bound(self, ids: torch.Tensor, conditions: Conditions | Sequence[str] | None = None, *,
+                             num_draws: int = 16, seed: int = 0) -> torch.Tensor:
+        """The ELBO of each sequence under this model, a lower bound on log p(x_0) in nats per sequence:
+        −E_t[w(t)·Σ_{i masked} −log p_θ(x_0,i | x_t)] (MDLM's bound; `mdlm_loss` is its per-token batch mean),
+        estimated with `num_draws` stratified times t per sequence and seeded masks. Padding (conditions'
+        "valid") is never masked. ids [B, L] long (or one-hots [B, L, V]) → [B] float64."""
+        ids = (ids.argmax(-1) if ids.is_floating_point() else ids).to(self.device)
+        B, L = ids.shape
+        conditions = self.prepare_conditions(conditions if conditions is not None else [""] * B)
+        conditioning = self._conditioning(conditions)
+        valid = conditioning.get("valid")
+        rng = torch.Generator().manual_seed(seed)
+        u = torch.rand((), generator=rng, dtype=torch.float64)
+        total = torch.zeros(B, dtype=torch.float64, device=self.device)
+        for draw in range(num_draws):
+            t = torch.full((B,), _MIN_TIME + (1.0 - _MIN_TIME) * float((u + draw / num_draws) % 1.0),
+                           dtype=torch.float64)
+            masked = (torch.rand((B, L), generator=rng, dtype=torch.float64) < self.schedule.mask_prob(t)[:, None])
+            masked = masked.to(self.device) & (True if valid is None else valid.to(self.device).bool())
+            x_t = torch.where(masked, torch.full_like(ids, self.mask_id), ids)
+            log_p = denoising_log_probs(self.logits(x_t, conditioning).double()).gather(-1, ids[..., None])[..., 0]
+            total += self.schedule.loss_weight(t).to(self.device) * torch.where(masked, log_p, 0.0).sum(-1)
+        return total / num_draws
+
     # ------------------------------------------------------------------ step by step (inference-time search)
     def initial_state(self, conditions: Conditions, options: MaskedSamplingOptions | None = None) -> torch.Tensor:
         """x_1 [B, L] long for prepared `conditions` (see `prepare_conditions`): all MASK but padding."""
