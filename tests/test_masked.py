@@ -378,3 +378,13 @@ def test_log_likelihood_bound_is_exact_for_a_position_independent_model():
     exact = torch.tensor([math.log(P0[0][a]) + math.log(P0[1][b]) for a, b in ids.tolist()], dtype=torch.float64)
     bound = gen.log_likelihood_bound(ids, num_draws=4000, seed=0)
     assert torch.allclose(bound, exact, rtol=0.05), (bound, exact)
+
+
+def test_sequences_longer_than_the_transformers_table_get_a_clear_error():
+    """Without the check, indexing the position table fails deep inside the backbone with an IndexError."""
+    gen = small_generator("transformer", length=12)
+    with pytest.raises(ValueError, match="longer than this model's maximum of 12 tokens"):
+        gen.sample([""], MaskedSamplingOptions(num_inference_steps=2, length=13))
+    with pytest.raises(ValueError, match="longer than this model's maximum"):
+        gen.log_likelihood_bound(torch.zeros(1, 20, dtype=torch.long))
+    assert gen.sample([""], MaskedSamplingOptions(num_inference_steps=2, length=12)).outputs.shape == (1, 12)

@@ -612,6 +612,7 @@ class MaskedDiffusionGenerator:
         "valid") is never masked. ids [B, L] long (or one-hots [B, L, V]) → [B] float64."""
         ids = (ids.argmax(-1) if ids.is_floating_point() else ids).to(self.device)
         B, L = ids.shape
+        self.check_length(L)
         conditions = self.prepare_conditions(conditions if conditions is not None else [""] * B)
         conditioning = self._conditioning(conditions)
         valid = conditioning.get("valid")
@@ -681,7 +682,17 @@ class MaskedDiffusionGenerator:
         options = options or self.default_options()
         if options.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1; got {options.num_inference_steps}")
-        return conditions, options, options.length or self.config.length
+        length = options.length or self.config.length
+        self.check_length(conditions.tensors["valid"].shape[1] if "valid" in conditions.tensors else length)
+        return conditions, options, length
+
+    def check_length(self, length: int) -> None:
+        """Refuse sequences longer than the model can read: the transformer's position table holds
+        `config.length` positions (the CNN and ProteinMPNN take any length)."""
+        if self.config.backbone == "transformer" and length > self.config.length:
+            raise ValueError(f"sequences of length {length} are longer than this model's maximum of "
+                             f"{self.config.length} tokens (its position table); sample or score at most "
+                             f"{self.config.length} tokens, or pre-train a model with a larger length")
 
     @torch.no_grad()
     def sample(
