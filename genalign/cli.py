@@ -228,5 +228,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def finetune_then_gallery(argv: Sequence[str]) -> int:
+    """`genalign finetune` with `argv` (--config and overrides), then `genalign gallery` of the finished run: the
+    modality scripts' entry point (scripts/finetune_dna.py, finetune_protein.py). `--no-gallery` skips the
+    gallery and `--gallery-n N` sets its samples per prompt."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--no-gallery", action="store_true")
+    parser.add_argument("--gallery-n", type=int, default=4)
+    own, rest = parser.parse_known_args(list(argv))
+    code = main(["finetune", *rest])
+    if code or own.no_gallery:
+        return code
+    from pipelines import get_pipeline
+
+    args = build_parser().parse_args(["finetune", *rest])
+    data = load_yaml(args.config)
+    config = build_config(get_pipeline(str(data["pipeline"])).config_class, data, args.overrides)
+    return main(["gallery", "--run", config.trainer.output_dir, "--n", str(own.gallery_n)])
+
+
 if __name__ == "__main__":
     sys.exit(main())

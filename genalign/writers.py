@@ -21,8 +21,21 @@ def displayable(rollout: Rollout, generator: Generator) -> list[Any]:
     if rollout.modality == "image":
         return list(rollout.outputs.detach().cpu())
     if rollout.modality == "sequence":
-        return generator.decode(rollout.outputs)
+        return sequence_texts(rollout, generator)
     raise ValueError(f"no writer for {rollout.modality} samples yet; sample images or sequences")
+
+
+def sequence_texts(rollout: Rollout, generator: Generator) -> list[str]:
+    """The decoded sequences, each cut to its own length when the batch was padded (conditions' "valid" mask,
+    e.g. proteins on backbones of different lengths)."""
+    texts = generator.decode(rollout.outputs)
+    valid = rollout.conditions.tensors.get("valid") if rollout.conditions is not None else None
+    if valid is None:
+        return texts
+    lengths = valid.bool().sum(-1).tolist()
+    separator = "" if all(len(t) == 1 for t in generator.config.tokens) else " "
+    return [text[:n] if not separator else separator.join(text.split(separator)[:n])
+            for text, n in zip(texts, lengths)]
 
 
 def write_samples(rollout: Rollout, generator: Generator, out: Path, records: Sequence[dict]) -> Path:
@@ -65,7 +78,7 @@ def sample_figures(rollouts: dict[str, Rollout], generator: Generator) -> list[t
             continue
         from genalign.sequence_logo import sequence_logo
 
-        texts = generator.decode(rollout.outputs)
+        texts = sequence_texts(rollout, generator)
         alphabet = "".join(generator.config.tokens)
         figures.append((f"sequence logo, {side} ({len(texts)} samples)",
                         sequence_logo(texts, alphabet, title=f"{side}: {len(texts)} samples")))
