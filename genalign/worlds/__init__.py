@@ -14,6 +14,8 @@ from typing import Any
 GOLD_EVALUATORS: dict[str, tuple[str, str]] = {
     "shapes": ("genalign.worlds.shapes_judge", "ShapesGold"),
     "markov": ("genalign.worlds.markov", "MarkovGold"),
+    "protein": ("genalign.worlds.protein", "ProteinGold"),
+    "dna": ("genalign.worlds.dna", "DNAGold"),
 }
 
 

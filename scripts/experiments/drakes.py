@@ -75,7 +75,10 @@ def _conditions(world_name: str, world, samples: int) -> list[str]:
 
 
 def _backbones(world) -> list[str]:
-    return sorted(world.backbones)[:2]
+    """The backbones configs/drakes_protein.yaml trains on."""
+    from genalign.config import load_yaml
+
+    return list(load_yaml(ROOT / "configs" / "drakes_protein.yaml")["prompts"]["prompts"])
 
 
 def _reward(world_name: str, world):
