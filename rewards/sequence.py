@@ -56,6 +56,8 @@ KYTE_DOOLITTLE: dict[str, float] = {
 _ORACLE_WEIGHTS = "oracle.safetensors"
 _ORACLE_CONFIG = "config.json"
 _ORACLE_FORMAT = "genalign.SequenceOracle"
+# Optional beside a saved oracle: a JSON list of its K output names, read by OracleReward.
+OBJECTIVES_FILE = "objectives.json"
 
 
 # ------------------------------------------------------------- encoding
@@ -421,18 +423,24 @@ class OracleReward(Reward):
 
     Args:
         oracle: a :class:`SequenceOracle` or a directory written by :meth:`SequenceOracle.save`.
-        objectives: names of the K outputs for a multi-output oracle
-            (default ``sequence_oracle_0 .. _{K-1}``).
+        objectives: names of the K outputs for a multi-output oracle (default: the names listed in the
+            directory's ``objectives.json`` if it has one, else ``sequence_oracle_0 .. _{K-1}``).
+        output: keep only this output of a multi-output oracle, by index (``0 .. K-1``) or by objective
+            name (e.g. ``"hepg2"``): the reward is then ``[B]`` with that one objective.
     """
 
     modality = "sequence"
     kind = "instance"
     differentiable = True
 
-    def __init__(self, oracle: SequenceOracle | str | Path, objectives: Sequence[str] | None = None) -> None:
+    def __init__(self, oracle: SequenceOracle | str | Path, objectives: Sequence[str] | None = None,
+                 output: int | str | None = None) -> None:
         super().__init__()
         if isinstance(oracle, (str, Path)):
+            names_file = Path(oracle) / OBJECTIVES_FILE
             oracle = SequenceOracle.load(oracle)
+            if objectives is None and names_file.is_file():
+                objectives = json.loads(names_file.read_text())
         if not isinstance(oracle, SequenceOracle):
             raise RewardError(
                 f"reward 'sequence_oracle' needs a SequenceOracle or the path of a saved one; got "
@@ -449,10 +457,31 @@ class OracleReward(Reward):
             self.objectives = tuple(objectives)
         elif k > 1:
             self.objectives = tuple(f"{self.name}_{i}" for i in range(k))
+        self.output: int | None = None
+        if output is not None:
+            names = self.objectives if len(self.objectives) == k else tuple(f"{self.name}_{i}" for i in range(k))
+            if isinstance(output, str):
+                if output not in names:
+                    raise RewardError(
+                        f"reward 'sequence_oracle' has no output named {output!r}; its {k} outputs are "
+                        f"{list(names)} — pass one of them or an index 0..{k - 1}"
+                    )
+                self.output = names.index(output)
+            elif isinstance(output, int) and not isinstance(output, bool) and 0 <= output < k:
+                self.output = output
+            else:
+                raise RewardError(
+                    f"reward 'sequence_oracle' output must be an index 0..{k - 1} or one of the names "
+                    f"{list(names)} of the oracle's {k} outputs; got {output!r}"
+                )
+            self.objectives = (names[self.output],)
 
     def score(self, outputs: torch.Tensor, conditions: Sequence[str] | None) -> torch.Tensor:
         """``[B, L]`` ids or ``[B, L, V]`` probabilities -> ``[B]`` (or ``[B, K]``) predictions."""
-        return self.oracle(outputs)
+        predictions = self.oracle(outputs)
+        if self.output is None:
+            return predictions
+        return predictions if self.oracle.outputs == 1 else predictions[:, self.output]
 
 
 # --------------------------------------------------------- closed form

@@ -6,6 +6,10 @@
     python scripts/build_worlds.py shapes --out genalign/worlds/assets/shapes   # refresh the committed copy
     python scripts/build_worlds.py shapes-prompts --out configs/prompts   # shapes_train.txt, shapes_eval.txt
     python scripts/build_worlds.py markov --out genalign/worlds/assets/markov   # grammar + masked model (~2 min)
+    python scripts/build_worlds.py dna --out genalign/worlds/assets/dna   # data, masked model, oracles (~10 min)
+    python scripts/build_worlds.py dna --recipe tiny --out /tmp/dna-tiny    # the same recipe in seconds
+    python scripts/build_worlds.py protein --out genalign/worlds/assets/protein  # RFP data + 2 oracles (~3 min)
+    python scripts/build_worlds.py protein --source /path/to/rfp --out genalign/worlds/assets/protein  # re-import
 
 An interrupted build resumes at its first unfinished stage when run again with the same arguments.
 """
@@ -22,7 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from genalign.worlds.build_dna import RECIPES as DNA_RECIPES, build_dna_world  # noqa: E402
 from genalign.worlds.build_markov import RECIPES as MARKOV_RECIPES, build_markov_world  # noqa: E402
+from genalign.worlds.build_protein import RECIPES as PROTEIN_RECIPES, build_protein_world  # noqa: E402
 from genalign.worlds.build_shapes import RECIPES, STAGES, build_shapes_world, shapes_prompts  # noqa: E402
 
 # Training captions for the shapes pipelines and held-out captions disjoint from them.
@@ -40,12 +46,15 @@ def write_shapes_prompts(folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("world", choices=["shapes", "shapes-prompts", "markov"], help="what to build")
+    parser.add_argument("world", choices=["shapes", "shapes-prompts", "markov", "protein", "dna"], help="what to build")
     parser.add_argument("--out", default=None, help="world folder (default: runs/worlds/<world>)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="full")
     parser.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--force", action="store_true", help="rebuild the chosen stages even if finished")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--source", default=None,
+                        help="protein: raw RFP data folder or a protein world (default: the committed world)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; dna: 1 per process)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.world == "markov":
         world = build_markov_world(out, MARKOV_RECIPES[args.recipe])
+        print(json.dumps(world["report"], indent=2))
+        print(f"world: {out.resolve()} ({time.perf_counter() - start:.0f} s)")
+        return 0
+    if args.world == "dna":
+        world = build_dna_world(out, DNA_RECIPES[args.recipe], threads=args.threads or 1)
+        print(json.dumps(world["report"], indent=2))
+        print(f"world: {out.resolve()} ({time.perf_counter() - start:.0f} s)")
+        return 0
+    if args.world == "protein":
+        world = build_protein_world(out, PROTEIN_RECIPES[args.recipe], source=args.source)
         print(json.dumps(world["report"], indent=2))
         print(f"world: {out.resolve()} ({time.perf_counter() - start:.0f} s)")
         return 0
