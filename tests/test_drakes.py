@@ -167,3 +167,37 @@ def test_config_errors_name_the_problem(tmp_path):
     not_differentiable.differentiable = False
     with pytest.raises(ConfigError, match="not differentiable"):
         DRAKESPipeline(_pipeline(tmp_path / "b").config, reward=not_differentiable)
+
+
+DNA_WORLD = ROOT / "genalign" / "worlds" / "assets" / "dna"
+
+
+@pytest.mark.slow
+def test_drakes_raises_the_dna_reward_oracle_and_the_evaluation_oracle_does_not_fall(tmp_path):
+    """Seeded learning test on the committed DNA world with the shipped config at a smaller budget: the held-out
+    samples' reward-oracle activity rises, and the evaluation oracle (trained on the other half of the data,
+    never a reward) rises with it rather than falls. Measured (8 updates, 25 s): reward oracle 1.18 → 2.55,
+    evaluation oracle 0.98 → 2.20 (HepG2 means over 64 fixed-seed samples)."""
+    from genalign.cli import load_run_generator
+    from genalign.config import load_yaml
+    from rewards.sequence import SequenceOracle
+
+    data = load_yaml(ROOT / "configs" / "drakes_dna.yaml")
+    overrides = {"trainer.output_dir": str(tmp_path / "run"), "trainer.progress": False, "epochs": 8,
+                 "eval.every": 8, "eval.samples_per_prompt": 48, "sampling.num_inference_steps": 16,
+                 "grad_steps": 4, "batch_size": 8, "train_batch_size": 8}
+    config = build_config(DRAKESConfig, data, [f"{k}={v}" for k, v in overrides.items()])
+    DRAKESPipeline(config).train()
+    base, _ = load_run_generator(tmp_path / "run", trained=False)
+    tuned, _ = load_run_generator(tmp_path / "run")
+    options = MaskedSamplingOptions(num_inference_steps=16)
+    evaluation = SequenceOracle.load(DNA_WORLD / "oracle_eval")
+    training = SequenceOracle.load(DNA_WORLD / "oracle_reward")
+    scores = {}
+    for name, generator in (("base", base), ("tuned", tuned)):
+        ids = generator.sample([""] * 64, options, seeds=range(5000, 5064)).outputs
+        with torch.no_grad():
+            scores[name] = (training(ids)[:, 0].mean().item(), evaluation(ids)[:, 0].mean().item())
+    (train_before, eval_before), (train_after, eval_after) = scores["base"], scores["tuned"]
+    assert train_after > train_before + 0.5, scores
+    assert eval_after > eval_before + 0.3, scores
