@@ -45,8 +45,9 @@ METHODS = ("pretrained", "best_of_n", "smc", "drakes", "drakes_no_kl")
 # Per world: sampling steps, evaluation samples (per backbone for proteins), best-of-N's n, SMC's particles and λ,
 # and the DRAKES overrides (on top of configs/drakes_<world>.yaml) that fit the CPU budget.
 SETTINGS = {
-    "dna": {"steps": 32, "samples": 128, "n": 8, "particles": 8, "lam": 0.1, "drakes": []},
-    "protein": {"steps": 10, "samples": 16, "n": 4, "particles": 4, "lam": 0.1, "drakes": []},
+    "dna": {"steps": 32, "samples": 128, "n": 8, "particles": 8, "lam": 0.1, "drakes": ["eval.every=30"]},
+    "protein": {"steps": 10, "samples": 8, "n": 4, "particles": 4, "lam": 0.1,
+                "drakes": ["epochs=6", "eval.every=6", "eval.samples_per_prompt=2"]},
 }
 
 
