@@ -5,7 +5,8 @@ Each update samples a batch with the generator's relaxed sampler: the first T �
 last K as Gumbel-softmax steps whose soft states carry gradients, straight-through to one-hot at the end so the
 reward reads hard tokens. The loss is
 
-    L = −mean r(x_0) + α · mean Σ_t KL_t,   KL_t = Σ_{i masked at t} ((m_t − m_s)/m_t) · KL(p_θ(·|x_t)_i ‖ p_pre(·|x_t)_i),
+    L = −mean r(x_0) + α · mean Σ_t KL_t,
+    KL_t = Σ_{i masked at t} ((m_t − m_s)/m_t) · KL(p_θ(·|x_t)_i ‖ p_pre(·|x_t)_i),
 
 the exact per-step KL between the fine-tuned and the pretrained reverse processes over every step of the
 trajectory, with the pretrained model computed through the generator's `reference()` (LoRA adapters off, or a
