@@ -8,7 +8,12 @@ uses, so reward hacking shows. It is called as ``gold(outputs, conditions) -> {n
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 from typing import Any
+
+# Every built world folder describes itself (recipe, measured report, layout) in this file.
+WORLD_FILE = "world.json"
 
 # name -> (module, class); imported on use so that `import genalign.worlds` stays light.
 GOLD_EVALUATORS: dict[str, tuple[str, str]] = {
@@ -25,3 +30,12 @@ def build_gold(name: str, **kwargs: Any):
         raise ValueError(f"unknown gold evaluator {name!r}; known: {sorted(GOLD_EVALUATORS)}")
     module, cls = GOLD_EVALUATORS[name]
     return getattr(importlib.import_module(module), cls)(**kwargs)
+
+
+def read_world_file(folder: str | Path, world: str) -> dict:
+    """The parsed world.json of a built `world` folder ("dna", "protein", …), or one error saying how to build it."""
+    path = Path(folder) / WORLD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {world} world at '{folder}' (missing {WORLD_FILE}); build one with "
+                                f"`python scripts/build_worlds.py {world}`, or use genalign/worlds/assets/{world}")
+    return json.loads(path.read_text())

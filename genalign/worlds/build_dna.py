@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from genalign.generators.masked import MaskedDiffusionConfig, MaskedSamplingOptions
 from genalign.generators.masked_pretraining import pretrain_masked
+from genalign.worlds import WORLD_FILE
 from genalign.worlds.dna import (
     ACCESSIBILITY_DIR,
     ACCESSIBILITY_THRESHOLD,
@@ -45,7 +46,6 @@ from genalign.worlds.dna import (
     REWARD_ORACLE_DIR,
     SPLITS_FILE,
     TOP_SEQUENCES_FILE,
-    WORLD_FILE,
     RegulatoryCode,
     accessible,
     activity,

@@ -20,9 +20,9 @@ import torch
 
 from genalign.generators.masked import MaskedDiffusionConfig, MaskedSamplingOptions
 from genalign.generators.masked_pretraining import pretrain_masked
+from genalign.worlds import WORLD_FILE
 from genalign.worlds.markov import MarkovGrammar, kmer_correlation, kmer_frequencies, kmer_total_variation
 
-WORLD_FILE = "world.json"
 
 
 @dataclass(frozen=True)

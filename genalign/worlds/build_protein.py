@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from genalign.generators.proteinmpnn import BACKBONE_ATOMS, encode_protein, parse_backbone
+from genalign.worlds import WORLD_FILE
 from genalign.worlds.protein import (BACKBONE_DIR, DATA_FILE, DEFAULT_WORLD, EVAL_ORACLE_DIR, REWARD_ORACLE_DIR,
-                                     WORLD_FILE, read_sequences)
+                                     read_sequences)
 from rewards.sequence import SequenceOracle
 
 BACKBONE_NAMES = ("2vad_A", "2vae_D", "3e5v_A", "3ned_A", "5lk4_A", "6aa7_A")

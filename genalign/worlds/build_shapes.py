@@ -32,10 +32,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import shapes
+from . import WORLD_FILE, shapes
 
 STAGES: tuple[str, ...] = ("clip", "judge", "aesthetic", "vae", "t2i", "report")
-WORLD_FILE = "world.json"
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,16 @@ turns a sequence into activity is known, every score is exact for any sequence, 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from genalign.worlds import read_world_file
 from genalign.worlds.markov import MarkovGrammar, kmer_correlation
 
 ALPHABET = "ACGT"
-WORLD_FILE = "world.json"
 BACKGROUND_FILE = "background.json"
 TOP_SEQUENCES_FILE = "top_sequences.txt"
 SPLITS_FILE = "splits.safetensors"
@@ -272,11 +271,7 @@ class DNAWorld:
 
     def __init__(self, folder: str | Path = ASSETS) -> None:
         self.folder = Path(folder)
-        world_file = self.folder / WORLD_FILE
-        if not world_file.is_file():
-            raise FileNotFoundError(f"no DNA world at '{self.folder}' (missing {WORLD_FILE}); build one with "
-                                    "`python scripts/build_worlds.py dna`, or use genalign/worlds/assets/dna")
-        saved = json.loads(world_file.read_text())
+        saved = read_world_file(self.folder, "dna")
         self.recipe: dict = saved["recipe"]
         self.report: dict = saved["report"]
         self.code = RegulatoryCode.from_dict(self.recipe["code"])

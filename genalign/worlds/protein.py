@@ -21,14 +21,13 @@ Real parts, small enough to ship (`genalign/worlds/assets/protein`, built by `ge
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import torch
 
 from genalign.generators.proteinmpnn import PROTEIN_ALPHABET, encode_protein, parse_backbone
+from genalign.worlds import WORLD_FILE, read_world_file
 
-WORLD_FILE = "world.json"
 DATA_FILE = "data/rfp_stability.csv"
 BACKBONE_DIR = "backbones"
 REWARD_ORACLE_DIR, EVAL_ORACLE_DIR = "oracle_reward", "oracle_eval"
@@ -61,11 +60,7 @@ class ProteinWorld:
 
     def __init__(self, folder: str | Path = DEFAULT_WORLD) -> None:
         self.folder = Path(folder)
-        world_file = self.folder / WORLD_FILE
-        if not world_file.is_file():
-            raise FileNotFoundError(f"no protein world at '{self.folder}' (missing {WORLD_FILE}); build one with "
-                                    "`python scripts/build_worlds.py protein`, or use genalign/worlds/assets/protein")
-        saved = json.loads(world_file.read_text())
+        saved = read_world_file(self.folder, "protein")
         self.recipe: dict = saved["recipe"]
         self.report: dict = saved["report"]
         self.label: str = saved["label"]
