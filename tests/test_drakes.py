@@ -201,3 +201,30 @@ def test_drakes_raises_the_dna_reward_oracle_and_the_evaluation_oracle_does_not_
     (train_before, eval_before), (train_after, eval_after) = scores["base"], scores["tuned"]
     assert train_after > train_before + 0.5, scores
     assert eval_after > eval_before + 0.3, scores
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    """Catches a resume that redraws the interrupted epoch's samples differently, loses the optimiser state or
+    the reference copy (full fine-tuning keeps one), or restarts the epoch count."""
+    from safetensors.torch import load_file
+
+    overrides = {"epochs": 3, "trainer.checkpoint_every": 1, "trainer.keep_checkpoints": 0,
+                 "trainer.lora.enabled": False}
+    _pipeline(tmp_path / "straight", **overrides).train()
+    stopped = _pipeline(tmp_path / "resumed", **overrides)
+    original, calls = stopped.reward.score, {"n": 0}
+
+    def stop_in_the_second_epoch(outputs, conditions=None):
+        calls["n"] += 1
+        if calls["n"] == 4:  # 1 = the base evaluation, then one call per micro-batch (two per epoch)
+            raise KeyboardInterrupt("simulated stop")
+        return original(outputs, conditions)
+
+    stopped.reward.score = stop_in_the_second_epoch
+    with pytest.raises(KeyboardInterrupt):
+        stopped.train()
+    _pipeline(tmp_path / "resumed", **overrides, **{"trainer.resume": "latest"}).train()
+    a = load_file(str(tmp_path / "straight" / "run" / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "run" / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
