@@ -29,10 +29,11 @@ T = TypeVar("T")
 @dataclass
 class ModelConfig:
     """Which model to fine-tune: a folder or hub id, and its family ("auto" tells it from the folder:
-    model_index.json → diffusion, a masked model's config.json → masked; a hub id → diffusion)."""
+    model_index.json → diffusion, or audio when it names an AudioLDM/MusicLDM pipeline; a masked model's
+    config.json → masked; a hub id → diffusion, so set `family: audio` for an audio hub id)."""
 
     pretrained: str = "runs/worlds/tiny-sd"
-    family: Literal["auto", "diffusion", "masked"] = "auto"
+    family: Literal["auto", "diffusion", "audio", "masked"] = "auto"
     revision: str | None = None
     scheduler: Literal["ddim", "ddpm"] | None = None
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
@@ -62,8 +63,9 @@ class RewardConfig:
 class SamplingConfig:
     """Sampler settings. `num_inference_steps`, `log_prob_reduction` ("sum" = the true density, or "mean" over
     the state's elements) and `batch_size` apply to every family; the rest to one family each, and None means
-    that family's default: guidance_scale, eta, height, width, negative_prompt (diffusion), temperature, length
-    (masked). Setting one that the model's family does not have is an error."""
+    that family's default: guidance_scale, eta, negative_prompt (diffusion and audio), height, width (diffusion),
+    audio_length_in_s (audio), temperature, length (masked). Setting one that the model's family does not have
+    is an error."""
 
     num_inference_steps: PositiveInt = 10
     log_prob_reduction: Literal["sum", "mean"] = "sum"
@@ -75,6 +77,7 @@ class SamplingConfig:
     negative_prompt: str | None = None
     temperature: float | None = None
     length: PositiveInt | None = None
+    audio_length_in_s: float | None = None
 
     def options(self, generator: Generator) -> Any:
         """The generator's own sampling options with these settings."""
@@ -117,7 +120,7 @@ def build_generator(config: ModelConfig) -> Generator:
     """The configured model, loaded through its family's `from_pretrained`."""
     family = detect_family(config.pretrained) if config.family == "auto" else config.family
     cls = generator_class(family)
-    if family == "diffusion":
+    if family in ("diffusion", "audio"):
         return cls.from_pretrained(config.pretrained, torch_dtype=_DTYPES[config.dtype], revision=config.revision,
                                    scheduler=config.scheduler)
     for key in ("revision", "scheduler"):

