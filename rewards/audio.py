@@ -251,7 +251,19 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _load_clap(checkpoint: str) -> tuple[Any, Any]:
-    """Load ``(ClapModel, ClapProcessor)`` from a hub id or a folder, or raise one helpful RewardError."""
+    """Load ``(ClapModel, ClapProcessor)`` from a hub id, a folder or a laion-clap ``.pt`` file.
+
+    A ``.pt`` file is converted once by :func:`rewards.laion_clap.converted_folder`
+    into ``<name>.transformers/`` beside it (or a folder under the temp dir when
+    that is not writable) and loaded from there. Raises one helpful RewardError.
+    """
+    if checkpoint.lower().endswith(".pt"):
+        from .laion_clap import LaionClapError, converted_folder
+
+        try:
+            checkpoint = str(converted_folder(checkpoint))
+        except LaionClapError as exc:
+            raise RewardError(f"reward 'clap_score' cannot use the laion-clap checkpoint {checkpoint!r}: {exc}") from exc
     how = (
         f"pass model='/path/to/folder' holding a transformers CLAP checkpoint (config.json, "
         f"model.safetensors, preprocessor_config.json and tokenizer files); make one on a machine "
@@ -302,6 +314,7 @@ class ClapScore(Reward):
 
         reward = ClapScore(sampling_rate=16_000)     # laion/clap-htsat-unfused
         reward(waveforms, ["a dog barking"] * B).rewards   # [B]
+        ClapScore("ckpts/630k-audioset-best.pt", sampling_rate=16_000)   # laion-clap file
     """
 
     modality = "audio"
@@ -319,7 +332,13 @@ class ClapScore(Reward):
         """
         Args:
             model: hub id or local folder of a transformers CLAP checkpoint
-                (model and processor files together).
+                (model and processor files together), or a laion-clap ``.pt``
+                file (``630k-audioset-best.pt``, ...), converted on first use into
+                ``<name>.transformers/`` beside it (a temp folder if that is not
+                writable; see :mod:`rewards.laion_clap`). The ``.pt`` files hold
+                no tokenizer: put RoBERTa tokenizer files (roberta-base's) in a
+                ``tokenizer/`` folder beside the checkpoint, or have roberta-base
+                in the local Hugging Face cache.
             sampling_rate: required; rate in Hz of the waveforms you will score
                 (e.g. 16000 for AudioLDM). They are resampled to the model's rate.
             device: where the CLAP model runs; None keeps it on the CPU.
