@@ -186,11 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.learning_rate=1e-4")
     finetune.set_defaults(func=cmd_finetune)
 
-    sample = sub.add_parser("sample", help="sample from a fine-tuned run (images as PNG, sequences as FASTA)")
+    sample = sub.add_parser("sample",
+                            help="sample from a fine-tuned run (images as PNG, audio as WAV, sequences as FASTA)")
     sample.add_argument("--run", required=True, help="a finetune run folder (trainer.output_dir)")
     sample.add_argument("--prompts", help="text file, one prompt per line (default: the run's eval prompts)")
     sample.add_argument("--n", type=int, default=4, help="samples per prompt")
-    sample.add_argument("--out", required=True, help="folder for PNGs and samples.jsonl")
+    sample.add_argument("--out", required=True, help="folder for the samples (PNG, WAV or FASTA) and samples.jsonl")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint folder")
     sample.add_argument("--base", action="store_true", help="sample the base model instead")

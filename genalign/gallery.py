@@ -1,8 +1,11 @@
-"""Static HTML gallery of before/after samples (images, or sequences as text) with training-metric plots.
+"""Static HTML gallery of before/after samples (images, audio clips, or sequences as text) with training-metric
+plots.
 
 The page is meant to be copied around and opened straight from disk (from a
 cluster, in a CI artifact, attached to a report), so it is a single HTML file
-with inline CSS, no JavaScript and only relative links to PNGs written beside it.
+with inline CSS, no JavaScript and only relative links to the PNGs and WAVs
+written beside it. Audio clips play in the browser's own ``<audio controls>``
+player (no script needed) next to a spectrogram image of the clip.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from PIL import Image
 
 __all__ = [
+    "AudioClip",
     "GallerySample",
     "PromptRow",
     "read_metrics",
@@ -30,15 +34,43 @@ __all__ = [
 
 
 @dataclass
+class AudioClip:
+    """A mono audio sample for the gallery: ``waveform`` ``[samples]`` float in [-1, 1] at ``sample_rate`` Hz.
+
+    The gallery writes it as a 16-bit WAV (values beyond [-1, 1] clipped, see `genalign.audio_io.write_wav`)
+    and draws its spectrogram.
+    """
+
+    waveform: torch.Tensor
+    sample_rate: int
+
+    def __post_init__(self) -> None:
+        # Checked here rather than when the page is written, so that a wrong shape fails where it was made.
+        samples = self.waveform
+        if not isinstance(samples, torch.Tensor) or samples.ndim != 1 or samples.numel() == 0:
+            shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+            raise ValueError(f"AudioClip expects a non-empty mono waveform [samples], got {shape}; "
+                             "pass one row of a [B, samples] batch")
+        if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, numbers.Integral) \
+                or self.sample_rate <= 0:
+            raise ValueError(f"AudioClip sample_rate must be a positive int (Hz), got {self.sample_rate!r}")
+        self.sample_rate = int(self.sample_rate)
+
+    @property
+    def duration_s(self) -> float:
+        return self.waveform.shape[0] / self.sample_rate
+
+
+@dataclass
 class GallerySample:
-    """One sample: an image (a ``[3, H, W]`` float tensor in ``[0, 1]`` or a PIL image), or text (a decoded
-    sequence, shown in a monospace box).
+    """One sample: an image (a ``[3, H, W]`` float tensor in ``[0, 1]`` or a PIL image), an `AudioClip`
+    (a player and its spectrogram), or text (a decoded sequence, shown in a monospace box).
 
     ``labels`` carries extra per-sample text shown under the sample, e.g.
     ``{"seed": "3", "gold": "correct"}``.
     """
 
-    image: torch.Tensor | Image.Image | str
+    image: torch.Tensor | Image.Image | AudioClip | str
     reward: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -205,6 +237,8 @@ figcaption { margin-top: 0.2em; }
 .label { color: #666; }
 img { max-width: 100%; height: auto; image-rendering: pixelated; border: 1px solid #ddd; }
 img.curves { image-rendering: auto; border: none; }
+img.spectrogram { image-rendering: auto; display: block; }
+audio { display: block; width: 100%; min-width: 16em; margin-bottom: 0.3em; }
 pre.sequence { font-family: ui-monospace, monospace; font-size: 0.8em; max-width: 40em; white-space: pre-wrap;
   word-break: break-all; text-align: left; background: #fff; border: 1px solid #ddd; padding: 0.4em; margin: 0; }
 .empty { color: #888; font-style: italic; }
@@ -227,12 +261,31 @@ def _img_tag(src: str, alt: str, size: tuple[int, int], css_class: str = "") -> 
     )
 
 
+def _audio_html(clip: AudioClip, stem: str, description: str, out_dir: Path) -> str:
+    """Write ``audio/{stem}.wav`` and ``images/{stem}_spectrogram.png``; return a player above the spectrogram."""
+    from genalign.audio_io import write_wav
+    from genalign.spectrogram import spectrogram_image
+
+    # Only galleries with audio get an audio/ folder.
+    (out_dir / "audio").mkdir(exist_ok=True)
+    wav = f"audio/{stem}.wav"
+    write_wav(out_dir / wav, clip.waveform, clip.sample_rate)
+    figure = spectrogram_image(clip.waveform, clip.sample_rate)
+    png = f"images/{stem}_spectrogram.png"
+    _atomic_write(out_dir / png, lambda tmp: figure.save(tmp, format="PNG"))
+    # preload="metadata": the page shows every clip's length without fetching all the audio up front. The
+    # link inside is only shown by browsers that cannot play WAV.
+    player = (f'<audio controls preload="metadata" src="{_esc(wav)}" aria-label="{_esc(description)}">'
+              f'<a href="{_esc(wav)}">{_esc(wav)}</a></audio>')
+    return player + _img_tag(png, f"spectrogram of {description}", figure.size, "spectrogram")
+
+
 def _grid_html(
     side: str,
     samples: Sequence[GallerySample],
     prompt_idx: int,
     prompt: str,
-    images_dir: Path,
+    out_dir: Path,
     upscale_to: int,
 ) -> str:
     rewards = [float(s.reward) for s in samples if s.reward is not None]
@@ -247,14 +300,18 @@ def _grid_html(
         caption.extend(
             f'<div class="label">{_esc(k)}: {_esc(v)}</div>' for k, v in sample.labels.items()
         )
+        # Names depend only on position, so re-running overwrites instead of
+        # piling up copies.
+        stem = f"p{prompt_idx:03d}_{side}_{i:02d}"
         if isinstance(sample.image, str):
             shown = f'<pre class="sequence">{_esc(sample.image)}</pre>'
+        elif isinstance(sample.image, AudioClip):
+            shown = _audio_html(sample.image, stem, f"{side} sample {i + 1} for prompt: {prompt}", out_dir)
+            caption.append(f'<div class="label">{sample.image.duration_s:.2f} s, {sample.image.sample_rate} Hz</div>')
         else:
             img = _upscale(to_pil(sample.image), upscale_to)
-            # Names depend only on position, so re-running overwrites instead of
-            # piling up copies.
-            name = f"p{prompt_idx:03d}_{side}_{i:02d}.png"
-            _atomic_write(images_dir / name, lambda tmp, img=img: img.save(tmp, format="PNG"))
+            name = f"{stem}.png"
+            _atomic_write(out_dir / "images" / name, lambda tmp, img=img: img.save(tmp, format="PNG"))
             shown = _img_tag(f"images/{name}", f"{side} sample {i + 1} for prompt: {prompt}", img.size)
         parts.append(f"<figure>{shown}<figcaption>{''.join(caption)}</figcaption></figure>")
     if not samples:
@@ -277,8 +334,12 @@ def write_gallery(
 
     Every image sample is saved as ``images/pNNN_{before,after}_MM.png``, upscaled
     (nearest neighbour, whole-number factor) so its shorter side is at least
-    ``upscale_to`` px. If ``metrics_path`` (a JSONL log, see ``read_metrics``)
-    is given, ``plot_keys`` are plotted into ``curves.png``. Numbers in
+    ``upscale_to`` px. Every audio sample (`AudioClip`) is saved as
+    ``audio/pNNN_{before,after}_MM.wav`` (16-bit PCM) with its spectrogram in
+    ``images/pNNN_{before,after}_MM_spectrogram.png`` and shown as an
+    ``<audio controls>`` player above the spectrogram. If ``metrics_path`` (a
+    JSONL log, see ``read_metrics``) is given, ``plot_keys`` are plotted into
+    ``curves.png``. Numbers in
     ``summary`` and all rewards are shown to 4 significant digits. Re-running
     with the same ``out_dir`` overwrites the same files.
     """
@@ -313,7 +374,7 @@ def write_gallery(
             tag = _img_tag(f"images/{name}", caption, figure.size, "figure")
             figures.append(f"<figure>{tag}<figcaption>{_esc(caption)}</figcaption></figure>")
         grids = "".join(
-            _grid_html(side, samples, idx, row.prompt, images_dir, upscale_to)
+            _grid_html(side, samples, idx, row.prompt, out_dir, upscale_to)
             for side, samples in (("before", row.before), ("after", row.after))
         )
         body.append(

@@ -1,4 +1,5 @@
-"""Samples as files and gallery entries, chosen by the rollout's modality: images as PNGs, sequences as FASTA.
+"""Samples as files and gallery entries, chosen by the rollout's modality: images as PNGs, audio as WAVs,
+sequences as FASTA.
 
 The command line (`genalign sample`, `genalign gallery`) writes whatever a generator makes through these two
 functions, so a new modality is one branch here and nothing in the commands.
@@ -7,22 +8,40 @@ functions, so a new modality is one branch here and nothing in the commands.
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
 from PIL import Image
 
-from genalign.gallery import GallerySample, to_pil
+from genalign.audio_io import write_wav
+from genalign.gallery import AudioClip, GallerySample, to_pil
 from genalign.generators.base import Generator, Rollout
 
 
 def displayable(rollout: Rollout, generator: Generator) -> list[Any]:
-    """One displayable item per sample: an image tensor [3, H, W], or a sequence's text."""
+    """One displayable item per sample: an image tensor [3, H, W], an `AudioClip` (waveform [samples] at the
+    generator's `sample_rate`), or a sequence's text."""
     if rollout.modality == "image":
         return list(rollout.outputs.detach().cpu())
+    if rollout.modality == "audio":
+        rate = sample_rate(generator)
+        outputs = rollout.outputs.detach().cpu()
+        if outputs.ndim != 2:
+            raise ValueError(f"audio outputs must be waveforms [B, samples], got {tuple(outputs.shape)}")
+        return [AudioClip(waveform, rate) for waveform in outputs]
     if rollout.modality == "sequence":
         return sequence_texts(rollout, generator)
-    raise ValueError(f"no writer for {rollout.modality} samples yet; sample images or sequences")
+    raise ValueError(f"no writer for {rollout.modality} samples yet; sample images, audio or sequences")
+
+
+def sample_rate(generator: Generator) -> int:
+    """The audio generator's output rate in Hz (its `sample_rate` attribute), needed to write its waveforms."""
+    rate = getattr(generator, "sample_rate", None)
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Integral) or rate <= 0:
+        raise ValueError(f"{type(generator).__name__} makes audio but has no positive int `sample_rate` "
+                         f"(got {rate!r}); an audio generator must say the rate of its waveforms in Hz")
+    return int(rate)
 
 
 def sequence_texts(rollout: Rollout, generator: Generator) -> list[str]:
@@ -40,7 +59,9 @@ def sequence_texts(rollout: Rollout, generator: Generator) -> list[str]:
 
 def write_samples(rollout: Rollout, generator: Generator, out: Path, records: Sequence[dict]) -> Path:
     """Write every sample of `rollout` into `out` with one JSON record each in samples.jsonl (`records` carries
-    per-sample fields such as prompt, seed and reward). Images become NNNNN.png; sequences samples.fasta.
+    per-sample fields such as prompt, seed and reward). Images become NNNNN.png; audio NNNNN.wav (16-bit PCM at
+    the generator's `sample_rate`, values clipped to [-1, 1]; records add sample_rate and duration_s);
+    sequences samples.fasta.
 
     Returns the samples.jsonl path.
     """
@@ -52,6 +73,11 @@ def write_samples(rollout: Rollout, generator: Generator, out: Path, records: Se
             name = f"{i:05d}.png"
             to_pil(image).save(out / name)
             lines.append({"file": name, **record})
+    elif rollout.modality == "audio":
+        for i, (clip, record) in enumerate(zip(items, records)):
+            name = f"{i:05d}.wav"
+            write_wav(out / name, clip.waveform, clip.sample_rate)
+            lines.append({"file": name, "sample_rate": clip.sample_rate, "duration_s": clip.duration_s, **record})
     else:
         with open(out / "samples.fasta", "w", encoding="utf-8") as fasta:
             for i, (text, record) in enumerate(zip(items, records)):
@@ -71,7 +97,7 @@ def gallery_samples(rollout: Rollout, generator: Generator, rewards: Sequence[fl
 
 def sample_figures(rollouts: dict[str, Rollout], generator: Generator) -> list[tuple[str, Image.Image]]:
     """Figures about sets of samples (side name → that side's rollout for one prompt): a sequence logo per side
-    for sequences; none for images, which the grid already shows."""
+    for sequences; none for images or audio, which the grid already shows (audio with a spectrogram per clip)."""
     figures = []
     for side, rollout in rollouts.items():
         if rollout.modality != "sequence":

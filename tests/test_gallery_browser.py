@@ -1,5 +1,8 @@
-"""A written gallery opens in a real browser: every image loads, the numbers show, the page is not blank."""
+"""A written gallery opens in a real browser: every image loads, every audio player reads its clip, the numbers
+show, the page is not blank."""
 
+import html
+import json
 import re
 import shutil
 import subprocess
@@ -10,6 +13,7 @@ import torch
 from PIL import Image
 
 from genalign.gallery import GallerySample, PromptRow, write_gallery
+from tests.test_gallery_audio import audio_rows
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(
@@ -90,3 +94,63 @@ def test_gallery_renders_in_headless_chromium(gallery, tmp_path):
     _run([f"--screenshot={shot}", "--window-size=1000,800", gallery.as_uri()], tmp_path)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.std() > 5  # not a blank page
+
+
+# Loads an audio gallery in a same-origin iframe and reports every player's readyState, duration and error, and
+# every image's decoded width and pixel spread (drawn into a canvas; --allow-file-access-from-files keeps file://
+# images from tainting it). Audio metadata arrives asynchronously, so it polls until no player is still loading
+# (--virtual-time-budget advances the timers) and reports what it has after 100 tries either way.
+AUDIO_CHECKER = """<!doctype html><html><body><iframe id="g" src="{src}" width="1200" height="900"></iframe>
+<pre id="result">pending</pre>
+<script>
+const frame = document.getElementById("g");
+function spread(img) {{
+  const canvas = document.createElement("canvas");
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  if (!canvas.width) return 0;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  try {{
+    const d = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    let sum = 0, sq = 0, n = 0;
+    for (let i = 0; i < d.length; i += 4) {{ const v = d[i] + d[i + 1] + d[i + 2]; sum += v; sq += v * v; n++; }}
+    return Math.sqrt(Math.max(0, sq / n - (sum / n) ** 2));
+  }} catch (e) {{ return "canvas-" + e.name; }}
+}}
+frame.addEventListener("load", () => {{
+  const doc = frame.contentDocument;
+  const audios = Array.from(doc.querySelectorAll("audio"));
+  function report(tries) {{
+    if (audios.some(a => a.readyState < 1 && !a.error) && tries < 100) {{
+      setTimeout(() => report(tries + 1), 50);
+      return;
+    }}
+    const players = audios.map(a => [a.getAttribute("src"), a.readyState, a.duration, a.error ? a.error.code : 0]);
+    const images = Array.from(doc.images).map(i => [i.getAttribute("src"), i.naturalWidth, spread(i)]);
+    document.getElementById("result").textContent = "RESULT" + JSON.stringify({{tries, players, images}}) + "END";
+  }}
+  report(0);
+}});
+</script></body></html>"""
+
+
+def test_audio_gallery_plays_in_headless_chromium(tmp_path):
+    # Fails for a WAV Chromium cannot decode (wrong header sizes, float samples it rejects), a wrong rate in
+    # the header (the duration is off), a src that does not resolve from the page, or a blank spectrogram.
+    rows = audio_rows()
+    index = write_gallery(tmp_path / "gallery", rows, title="audio browser check")
+    checker = index.parent / "check.html"
+    checker.write_text(AUDIO_CHECKER.format(src=index.name))
+    dom = _run(["--dump-dom", checker.as_uri()], tmp_path).stdout
+    match = re.search(r'<pre id="result">RESULT(.*?)END</pre>', dom, re.S)
+    assert match, dom[-2000:]
+    result = json.loads(html.unescape(match.group(1)))
+    clips = [s.image for row in rows for s in (*row.before, *row.after)]
+    assert len(result["players"]) == len(clips) == 8
+    for (src, ready, duration, error), clip in zip(result["players"], clips):
+        assert error == 0 and ready >= 1, f"{src} did not load in Chromium (readyState {ready}, error {error})"
+        assert duration == pytest.approx(clip.duration_s, rel=0.01), src
+    assert len(result["images"]) == 8
+    for src, width, spread in result["images"]:
+        assert src.endswith("_spectrogram.png") and width > 0, src
+        assert isinstance(spread, (int, float)) and spread > 0, f"{src}: {spread}"
