@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The demo fine-tunes the committed shapes world (genalign/worlds/assets/shapes); `make worlds` rebuilds it
-# from its seeded recipe into runs/worlds/shapes (about an hour on 2 cores). Each `make demo` starts runs/demo afresh.
+# and the tones world from their seeded recipes into runs/worlds/ (about two hours on 2 cores). Each `make demo` starts runs/demo afresh.
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) -m genalign.cli finetune --config configs/demo.yaml
@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 worlds: $(STAMP)
 	$(PY) scripts/build_worlds.py shapes
+	$(PY) scripts/build_worlds.py tones
 
 # The random tiny SD-layout model that configs/ddpo_tiny.yaml and draft_tiny.yaml fine-tune.
 tiny-model: $(TINY_MODEL)/model_index.json

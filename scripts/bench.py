@@ -1,7 +1,7 @@
 """Engine benchmarks, each reported as a ratio against a baseline measured in the same run.
 
     python scripts/bench.py                 # all benchmarks, markdown table on stdout
-    python scripts/bench.py --only memory   # one of: sampling, masked, ddpo, prdp, memory, attention, shapes
+    python scripts/bench.py --only memory   # one of: sampling, masked, ddpo, prdp, memory, attention, shapes, tones
     python scripts/bench.py --out docs/bench.json
 
 Benchmarks:
@@ -18,6 +18,9 @@ Benchmarks:
 - attention: diffusers' fused SDPA processor (AttnProcessor2_0) vs the naive AttnProcessor, UNet forward.
 - shapes: the committed shapes-world model (genalign/worlds/assets/shapes/t2i) at the demo's settings (64 images,
   10 DDIM steps, CFG 5, eta 1): our sampler with per-step log-probs vs diffusers' pipeline, plus samples/s.
+- tones: the committed tones-world text-to-audio model (genalign/worlds/assets/tones/t2a; 2 s clips, Griffin-Lim
+  vocoder) at the fine-tuning configs' settings (32 clips, 10 DDIM steps, CFG 3, eta 1): our sampler with per-step
+  log-probs vs diffusers' AudioLDMPipeline, plus clips/s and the vocoder's share of the time.
 """
 
 from __future__ import annotations
@@ -130,6 +133,48 @@ def bench_shapes(args) -> dict:
         "ours_s": mine,
         "ratio": mine / base,
         "samples_per_s": len(prompts) / mine,
+    }
+
+
+TONES_MODEL = ROOT / "genalign" / "worlds" / "assets" / "tones" / "t2a"
+
+
+def bench_tones(args) -> dict:
+    import warnings
+
+    from diffusers import AudioLDMPipeline
+
+    from genalign.generators.audio import AudioDiffusionGenerator, AudioSamplingOptions
+
+    warnings.filterwarnings("ignore", message=".*deprecated.*")
+    pipe = AudioLDMPipeline.from_pretrained(TONES_MODEL).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    gen = AudioDiffusionGenerator.from_pipeline(pipe)
+    prompts = (ROOT / "configs" / "prompts" / "tones_eval.txt").read_text().splitlines()[:32]
+    seeds = list(range(len(prompts)))
+    options = AudioSamplingOptions(num_inference_steps=10, guidance_scale=3.0, eta=1.0, audio_length_in_s=2.0)
+
+    def ours():
+        gen.sample(prompts, options, seeds=seeds, batch_size=32)
+
+    def plain():
+        with torch.no_grad():
+            pipe(prompts, num_inference_steps=10, guidance_scale=3.0, eta=1.0, audio_length_in_s=2.0,
+                 generator=[torch.Generator().manual_seed(s) for s in seeds])
+
+    base, mine = paired(plain, ours, args.repeats)
+    latents = gen.sample(prompts, options, seeds=seeds, return_trajectory=False).extras["latents"]
+    with torch.no_grad():
+        mels = gen.decode_mel(latents)
+        vocoder_s = timed(lambda: gen.vocoder(mels), 1)
+    return {
+        "benchmark": "tones world: 32 clips of 2 s, 10 DDIM steps, CFG 3, Griffin-Lim vocoder",
+        "baseline": "diffusers AudioLDMPipeline",
+        "baseline_s": base,
+        "ours_s": mine,
+        "ratio": mine / base,
+        "samples_per_s": len(prompts) / mine,
+        "vocoder_share": vocoder_s / mine,
     }
 
 
@@ -344,7 +389,7 @@ def bench_attention(args) -> dict:
 def markdown(rows: list[dict]) -> str:
     lines = ["| benchmark | baseline | baseline s | ours s | ratio (ours / baseline) | extra |", "|---|---|---|---|---|---|"]
     for r in rows:
-        extra = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k in ("peak_mib", "ddpo_updates_per_s", "samples_per_s"))
+        extra = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k in ("peak_mib", "ddpo_updates_per_s", "samples_per_s", "vocoder_share"))
         fmt = lambda v: "" if v is None else f"{v:.4f}"
         lines.append(f"| {r['benchmark']} | {r['baseline']} | {fmt(r['baseline_s'])} | {fmt(r['ours_s'])} | "
                      f"{r['ratio']:.3f} | {extra} |")
@@ -353,7 +398,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["sampling", "masked", "ddpo", "prdp", "memory", "attention", "shapes"])
+    parser.add_argument("--only", choices=["sampling", "masked", "ddpo", "prdp", "memory", "attention", "shapes", "tones"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -368,7 +413,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     benches = {"sampling": bench_sampling, "masked": bench_masked, "ddpo": bench_ddpo, "prdp": bench_prdp, "memory": bench_memory, "attention": bench_attention,
-               "shapes": bench_shapes}
+               "shapes": bench_shapes, "tones": bench_tones}
     rows = []
     for name, fn in benches.items():
         if args.only and name != args.only:

@@ -68,7 +68,7 @@ class AudioSamplingOptions:
 class AudioDiffusionGenerator(DiffusionGenerator):
     """A latent text-to-audio diffusion model (AudioLDM or MusicLDM layout) as a stochastic policy.
 
-    Outputs are waveforms [B, samples] at `sample_rate` Hz (float; a vocoder may overshoot [−1, 1] a little).
+    Outputs are waveforms [B, samples] at `sample_rate` Hz, float in [−1, 1].
     Only the UNet is trained; VAE, text encoder and vocoder stay frozen.
     """
 
@@ -247,28 +247,9 @@ class AudioDiffusionGenerator(DiffusionGenerator):
         return frames, int(self.vocoder.config.model_in_dim)
 
     # ------------------------------------------------------------------ text conditioning
-    @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], height: int = 0, width: int = 0) -> PromptEmbeds:
-        """CLAP text embeddings as diffusers' AudioLDM / MusicLDM pipelines compute them.
-
-        Returns:
-            PromptEmbeds whose `embeds` are [B, D] (D = the CLAP projection size, the UNet's class-embedding
-            input), not per-token states.
-        """
-        tokens = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        if self._is_musicldm:
-            output = self.text_encoder.get_text_features(ids, attention_mask=mask)
-            embeds = output if isinstance(output, torch.Tensor) else output.pooler_output
-        else:
-            embeds = F.normalize(self.text_encoder(ids, attention_mask=mask).text_embeds, dim=-1)
-        return PromptEmbeds(embeds.to(self.dtype))
+        """CLAP text embeddings (see `clap_text_embeddings`); `embeds` are [B, D], not per-token states."""
+        return PromptEmbeds(clap_text_embeddings(self.text_encoder, self.tokenizer, prompts).to(self.dtype))
 
     # ------------------------------------------------------------------ denoiser and decoding
     def _call_denoiser(self, latents: torch.Tensor, timesteps: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
@@ -287,7 +268,9 @@ class AudioDiffusionGenerator(DiffusionGenerator):
         return waveform.float()[:, :num_samples]
 
     def outputs_from_latents(self, latents: torch.Tensor, options: AudioSamplingOptions) -> torch.Tensor:
-        return self.decode(latents, self.num_samples(options))
+        """Waveforms [B, samples] clamped to [−1, 1], the protocol's audio range (a vocoder's overshoot is
+        clipping in any file or player anyway); diffusers returns the raw vocoder output, equal when in range."""
+        return self.decode(latents, self.num_samples(options)).clamp(-1.0, 1.0)
 
     def mel_from_waveform(self, waveform: torch.Tensor) -> torch.Tensor:
         """Waveforms [B, samples] → log-mel [B, frames, bins] with the vocoder's own front end (training data
@@ -296,3 +279,17 @@ class AudioDiffusionGenerator(DiffusionGenerator):
             raise NotImplementedError(f"{type(self.vocoder).__name__} has no mel front end; compute mels with the "
                                       "parameters the vocoder was trained on")
         return self.vocoder.log_mel(waveform)
+
+
+@torch.no_grad()
+def clap_text_embeddings(text_encoder: torch.nn.Module, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """[B, D] CLAP text embeddings of `prompts` as diffusers' pipelines compute them: AudioLDM's
+    ClapTextModelWithProjection L2-normalised, MusicLDM's whole ClapModel through `get_text_features`."""
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    if hasattr(text_encoder, "get_text_features"):
+        output = text_encoder.get_text_features(ids, attention_mask=mask)
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+    return F.normalize(text_encoder(ids, attention_mask=mask).text_embeds, dim=-1)

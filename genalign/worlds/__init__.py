@@ -21,6 +21,7 @@ GOLD_EVALUATORS: dict[str, tuple[str, str]] = {
     "markov": ("genalign.worlds.markov", "MarkovGold"),
     "protein": ("genalign.worlds.protein", "ProteinGold"),
     "dna": ("genalign.worlds.dna", "DNAGold"),
+    "tones": ("genalign.worlds.tones_gold", "TonesGold"),
 }
 
 

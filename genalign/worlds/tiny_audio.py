@@ -67,12 +67,13 @@ def tiny_clap_text_config(tokenizer: RobertaTokenizerFast, hidden: int = 32, pro
 
 
 def audio_unet(latent_frames: int, latent_bins: int, projection_dim: int, widths: Sequence[int] = (16, 32),
-               attention: bool = False, latent_channels: int = 4) -> UNet2DConditionModel:
+               attention: bool = True, latent_channels: int = 4) -> UNet2DConditionModel:
     """A UNet in AudioLDM's layout: the CLAP embedding is a projected class embedding concatenated to the time
-    embedding; cross-attention blocks (if any) attend to themselves, since the pipeline passes no text states
-    (so their cross_attention_dim equals each block's width)."""
-    down = ["CrossAttnDownBlock2D" if attention else "DownBlock2D"] * len(widths)
-    up = ["CrossAttnUpBlock2D" if attention else "UpBlock2D"] * len(widths)
+    embedding. With `attention`, every level below the first (and the middle) has transformer blocks, as in
+    AudioLDM; their "cross"-attention attends to the block itself, since the pipeline passes no text states, so
+    each block's cross_attention_dim equals its width."""
+    down = ["DownBlock2D"] + ["CrossAttnDownBlock2D" if attention else "DownBlock2D"] * (len(widths) - 1)
+    up = ["CrossAttnUpBlock2D" if attention else "UpBlock2D"] * (len(widths) - 1) + ["UpBlock2D"]
     return UNet2DConditionModel(
         sample_size=latent_frames,
         in_channels=latent_channels,
@@ -84,7 +85,7 @@ def audio_unet(latent_frames: int, latent_bins: int, projection_dim: int, widths
         layers_per_block=1,
         norm_num_groups=8,
         cross_attention_dim=tuple(widths),
-        attention_head_dim=4,
+        attention_head_dim=8,
         class_embed_type="simple_projection",
         projection_class_embeddings_input_dim=projection_dim,
         class_embeddings_concat=True,
@@ -132,7 +133,7 @@ def build_tiny_text_to_audio(
     hop: int = 80,
     bins: int = 16,
     latent_frames: int = 8,
-    attention: bool = False,
+    attention: bool = True,
 ):
     """A tiny AudioLDM (or MusicLDM) pipeline: 0.5 s clips at 8 kHz by default. Returns the diffusers pipeline
     (`AudioLDMPipeline`, or `MusicLDMPipeline` for that layout)."""
