@@ -61,8 +61,9 @@ class TonesRecipe:
     vae_batch: int = 16
     vae_widths: tuple[int, ...] = (16, 32, 64)
     latent_channels: int = 8
-    unet_steps: int = 1000
-    unet_batch: int = 32
+    unet_steps: int = 600
+    unet_batch: int = 16
+    unet_lr: float = 2e-3
     unet_widths: tuple[int, ...] = (32, 64, 64)
     report_prompts: int = 64
     report_samples_per_prompt: int = 2
@@ -194,7 +195,8 @@ def _stage_t2a(recipe: TonesRecipe, out: Path, world: Path, progress: bool) -> d
     empty = clap_text_embeddings(text_encoder, tokenizer, [""])[0]
     bar = _Bar("unet", recipe.unet_steps, progress)
     unet, report = train_tones_unet(latents, text_embeds, empty, steps=recipe.unet_steps,
-                                    batch_size=recipe.unet_batch, widths=recipe.unet_widths, seed=recipe.seed,
+                                    batch_size=recipe.unet_batch, widths=recipe.unet_widths, lr=recipe.unet_lr,
+                                    seed=recipe.seed,
                                     progress=bar)
     bar.close()
     pipe = assemble_tones_pipeline(vae, unet, text_encoder, tokenizer, tones_vocoder(recipe))
