@@ -82,7 +82,7 @@ def train_mel_vae(
         optimizer.step()
         schedule.step()
         if progress:
-            progress(step, float(rec))
+            progress(step, float(rec.detach()))
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(train[i : i + 64]).latent_dist.mean for i in range(0, min(len(train), 512), 64)])
@@ -156,9 +156,9 @@ def train_tones_unet(
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress:
-            progress(step, float(loss))
+            progress(step, float(loss.detach()))
     unet.eval()
     tail = losses[-max(1, steps // 10):]
     return unet, {"unet_loss_last10pct": sum(tail) / len(tail), "unet_params": sum(p.numel() for p in unet.parameters()),
