@@ -65,18 +65,11 @@ _BATCH = 128  # clips per forward pass when classifying many at once
 # clips through build_tones' own Griffin-Lim vocoder after a 2x2 log-mel blur, a path it never trained on).
 GOLD_SIZES: dict[str, dict[str, int | float]] = {
     "full": {"clips": 3000, "steps": 600, "batch_size": 64},
-    # About 10 s: well above chance on every attribute (register and contour near 1), not yet reliable.
+    # About 13 s; measured held-out accuracy: instrument 0.93, register 1.0, tempo 0.97, contour 0.995,
+    # loudness 0.96 (all correct 0.875): well above chance everywhere, not a judge to rely on.
     "tiny": {"clips": 384, "steps": 150, "batch_size": 32, "width": 32, "degraded_fraction": 0.1,
              "held_out": 200, "degraded_held_out": 0},
 }
-
-
-# --- front end --------------------------------------------------------------------------------------------
-
-
-def _scale(db: Tensor) -> Tensor:
-    """dB -> network input: clamped to [-40, 60] dB (below is inaudible here) and scaled by 1/20."""
-    return db.clamp(_DB_MIN, _DB_MAX) / 20.0
 
 
 # --- the classifier ---------------------------------------------------------------------------------------
@@ -127,6 +120,11 @@ class TonesClassifier(nn.Module):
         return {name: head(hidden) for name, head in self.heads.items()}
 
 
+def _scale(db: Tensor) -> Tensor:
+    """dB -> network input: clamped to [-40, 60] dB (below is inaudible here) and scaled by 1/20."""
+    return db.clamp(_DB_MIN, _DB_MAX) / 20.0
+
+
 def _fit_length(waveforms: Tensor) -> Tensor:
     """[B, T] or [B, C, T] -> [B, CLIP_SAMPLES] mono: channels averaged; longer clips keep their first
     CLIP_SAMPLES (a melody starts at 0 and its contour runs over the whole clip), shorter ones are padded
@@ -150,11 +148,8 @@ def features(waveforms: Tensor) -> Tensor:
 @torch.no_grad()
 def classify(model: TonesClassifier, waveforms: Tensor) -> dict[str, Tensor]:
     """[B, T] waveforms at 16 kHz -> attribute -> long [B] predicted class index into VOCABULARIES[attribute]."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     parts = [model(features(chunk).to(device)) for chunk in waveforms.split(_BATCH)]
-    model.train(was_training)
     return {name: torch.cat([p[name].argmax(dim=1).cpu() for p in parts]) for name in ATTRIBUTES}
 
 
