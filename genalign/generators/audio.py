@@ -272,14 +272,6 @@ class AudioDiffusionGenerator(DiffusionGenerator):
         clipping in any file or player anyway); diffusers returns the raw vocoder output, equal when in range."""
         return self.decode(latents, self.num_samples(options)).clamp(-1.0, 1.0)
 
-    def mel_from_waveform(self, waveform: torch.Tensor) -> torch.Tensor:
-        """Waveforms [B, samples] → log-mel [B, frames, bins] with the vocoder's own front end (training data
-        for the VAE); only vocoders that define one (`GriffinLimVocoder.log_mel`) support this."""
-        if not hasattr(self.vocoder, "log_mel"):
-            raise NotImplementedError(f"{type(self.vocoder).__name__} has no mel front end; compute mels with the "
-                                      "parameters the vocoder was trained on")
-        return self.vocoder.log_mel(waveform)
-
 
 @torch.no_grad()
 def clap_text_embeddings(text_encoder: torch.nn.Module, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
