@@ -169,7 +169,9 @@ def build_gold(config: GoldConfig):
 
     try:
         return build(config.name, **config.kwargs)
-    except (ValueError, TypeError, OSError) as exc:
+    except TypeError as exc:  # a missing or misspelt constructor argument
+        raise ConfigError(f"eval.gold: {exc}; set the arguments under eval.gold.kwargs") from exc
+    except (ValueError, OSError) as exc:
         raise ConfigError(f"eval.gold: {exc}") from exc
 
 

@@ -122,6 +122,8 @@ def test_gold_config_errors_name_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="no shapes judge"):
         build_gold(GoldConfig(name="shapes", kwargs={"judge": str(tmp_path)}))
     with pytest.raises(ConfigError, match="unknown gold evaluator"):
+        build_gold(GoldConfig(name="sculptures"))
+    with pytest.raises(ConfigError, match="missing 1 required .* 'judge'; set the arguments under eval.gold.kwargs"):
         build_gold(GoldConfig(name="tones"))
     assert build_gold(GoldConfig()) is None
 
