@@ -61,7 +61,7 @@ class TonesRecipe:
     vae_batch: int = 16
     vae_widths: tuple[int, ...] = (16, 32, 64)
     latent_channels: int = 8
-    unet_steps: int = 600
+    unet_steps: int = 1500
     unet_batch: int = 16
     unet_lr: float = 2e-3
     unet_widths: tuple[int, ...] = (32, 64, 64)
