@@ -45,12 +45,13 @@ def _log(run_dir):
 def test_draft_raises_the_clap_score_of_a_tiny_audio_model(tiny_audio_dir, tmp_path):
     """Fails if the reward gradient did not reach the UNet through vocoder and VAE (flat reward), or if the audio
     generator's differentiable path sampled something other than what evaluation scores."""
-    config = _config(DRaFTConfig, tiny_audio_dir, tmp_path / "run", epochs=12, batch_size=4, train_batch_size=4,
-                     **{"trainer.learning_rate": 3e-2, "eval.every": 12})
+    config = _config(DRaFTConfig, tiny_audio_dir, tmp_path / "run", epochs=20, batch_size=4, train_batch_size=4,
+                     **{"trainer.learning_rate": 5e-2, "eval.every": 20})
     DRaFTPipeline(config).train()
     log = _log(tmp_path / "run")
     before, after, spread = log[0]["eval_reward_mean"], log[-1]["eval_reward_mean"], log[0]["eval_reward_std"]
-    # Random-weight clips score noisily (per-clip std ≈ 0.25): measured 0.158 → 0.336 on these held-out seeds.
+    # Random-weight clips score noisily (held-out std 0.13): measured −0.156 → 0.172 on these seeds with the committed
+    # CLAP (12 epochs at lr 3e-2 gained only −0.156 → −0.111).
     assert after - before > spread / 2, (before, after, spread)
     train = [r["reward_mean"] for r in log[1:]]
     assert np.mean(train[-3:]) > np.mean(train[:3]), train
