@@ -144,6 +144,7 @@ def bench_tones(args) -> dict:
 
     from diffusers import AudioLDMPipeline
 
+    import genalign.generators.griffin_lim  # noqa: F401  (diffusers loads the vocoder only from an imported module)
     from genalign.generators.audio import AudioDiffusionGenerator, AudioSamplingOptions
 
     warnings.filterwarnings("ignore", message=".*deprecated.*")

@@ -1,5 +1,6 @@
 """The tones world's build recipe still works at a tiny size, resumes, and yields loadable parts."""
 
+import dataclasses
 import json
 
 import pytest
@@ -64,3 +65,27 @@ def test_report_prompts_are_world_captions(tiny_world):
     """Fails if the base-model report judged prompts the gold judge cannot parse."""
     prompts = (tiny_world / "report" / "prompts.txt").read_text().split("\n")
     assert all(parse_caption(p) is not None for p in prompts if p)
+
+
+def test_the_committed_world_is_the_full_recipe_and_loads_in_both_samplers():
+    """Fails if the committed tones world was built with another recipe than the code's ``full`` one (so a rebuild
+    would not give it back), misses a stage, or no longer loads into our generator and diffusers' pipeline."""
+    from pathlib import Path
+
+    from diffusers import AudioLDMPipeline
+
+    import genalign.generators.griffin_lim  # noqa: F401  (diffusers loads the vocoder only from an imported module)
+    from genalign.worlds import read_world_file
+
+    folder = Path(__file__).resolve().parents[1] / "genalign" / "worlds" / "assets" / "tones"
+    world = read_world_file(folder, "tones")
+    full = json.loads(json.dumps(dataclasses.asdict(RECIPES["full"])))
+    assert world["recipe"] == full
+    assert list(world["stages"]) == list(STAGES) and "unfinished" not in world
+    generator = AudioDiffusionGenerator.from_pretrained(folder / "t2a")
+    assert generator.sample_rate == SAMPLE_RATE
+    options = AudioSamplingOptions(num_inference_steps=2, guidance_scale=3.0, audio_length_in_s=2.0)
+    audio = generator.sample(["a fast rising melody on a loud flute in a high register"], options, seeds=[0],
+                             return_trajectory=False, progress=False).outputs
+    assert audio.shape == (1, 2 * SAMPLE_RATE) and float(audio.abs().max()) > 0.01
+    assert isinstance(AudioLDMPipeline.from_pretrained(folder / "t2a"), AudioLDMPipeline)

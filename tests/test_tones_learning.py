@@ -1,5 +1,5 @@
-"""DDPO, DRaFT and PRDP run unchanged on the text-to-audio generator, and reward fine-tuning raises the CLAP score:
-on a tiny random AudioLDM model, and on the tones world's committed model with its gold judge watching."""
+"""DDPO, DRaFT and PRDP run unchanged on the text-to-audio generator, and DRaFT raises the tones CLAP score of a tiny
+random AudioLDM model."""
 
 import json
 from pathlib import Path
@@ -75,21 +75,3 @@ def test_policy_gradient_pipelines_run_on_audio_with_exact_ratios(pipeline, tiny
     assert all(np.isfinite(r["reward_mean"]) for r in log[1:])
     if pipeline == "ddpo":
         assert max(r["ratio_first_max_deviation"] for r in log[1:]) < 1e-6
-
-
-@pytest.mark.skipif(not (TONES / "t2a").is_dir(), reason="the tones world is not committed in this checkout")
-def test_draft_on_the_tones_world_raises_clap_score_without_lowering_gold(tmp_path):
-    """Fails if fine-tuning the world's model toward its CLAP score did not raise the held-out score, or if it got
-    there by breaking what the gold judge (the synthesiser-parameter classifier, no reward) measures."""
-    prompts = (ROOT / "configs" / "prompts" / "tones_eval.txt").read_text().splitlines()[:8]
-    config = _config(DRaFTConfig, TONES / "t2a", tmp_path / "run", epochs=6, batch_size=4, train_batch_size=4,
-                     **{"trainer.learning_rate": 3e-3, "trainer.lora.rank": 4, "trainer.lora.alpha": 4,
-                        "sampling.num_inference_steps": 6, "sampling.guidance_scale": 3.0,
-                        "sampling.audio_length_in_s": 2.0, "eval.every": 6, "eval.samples_per_prompt": 2,
-                        "eval.gold.name": "tones", "eval.gold.kwargs": json.dumps({"judge": str(TONES / "gold")}),
-                        "prompts.prompts": json.dumps(prompts)})
-    DRaFTPipeline(config).train()
-    log = [r for r in _log(tmp_path / "run") if "eval_reward_mean" in r]
-    first, last = log[0], log[-1]
-    assert last["eval_reward_mean"] - first["eval_reward_mean"] > first["eval_reward_std"] / 2, (first, last)
-    assert last["eval_gold_all_correct"] >= first["eval_gold_all_correct"] - 0.125

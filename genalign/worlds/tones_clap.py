@@ -76,9 +76,7 @@ _SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 _FEATURE_BATCH = 128  # clips per ClapLogMel call when building the pool
 
 # Sizes of the build (``full``) and of the tests (``tiny``); pass with the recipe's seed to train_tones_clap.
-# Measured, seed 0, 1 thread on the 2-core machine while other jobs shared it: ``full`` about 8 min (pool 102 s,
-# 800 steps 363 s, evaluation ~25 s; about 5.5 min on a quiet core); caption->clip top-1 0.79 (chance 0.02),
-# zero-shot instrument / register / tempo / loudness 1.0, contour 0.51 (chance 0.33; still rising with steps).
+# The world build's measurements (time, retrieval, zero-shot probes) are in docs/worlds.md (tones).
 CLAP_SIZES: dict[str, dict[str, int]] = {
     "full": {"clips": 4000, "steps": 800, "batch_size": 64},
     "tiny": {"clips": 32, "steps": 3, "batch_size": 8, "eval_clips": 32},
