@@ -492,12 +492,13 @@ class Pipeline:
         """The conditions of the given global samples of `plan`."""
         return Conditions.coerce([self.prompts[plan.prompt_index[i]] for i in global_indices])
 
-    def sample_and_score(self, trainer: Trainer, plan: EpochPlan) -> EpochSamples:
+    def sample_and_score(self, trainer: Trainer, plan: EpochPlan, options: Any = None) -> EpochSamples:
         """Sample this process's share of the epoch (with log-probs, under the training autocast so that recorded
-        and re-evaluated log-probs agree), score it, and gather every process's rewards in global order."""
+        and re-evaluated log-probs agree), score it, and gather every process's rewards in global order.
+        `options` overrides the run's sampling options (e.g. fewer steps for demonstrations)."""
         with trainer.autocast():
             rollout = self.generator.sample(
-                self.conditions(plan, plan.local), self.options, seeds=plan.seeds[plan.local].tolist(),
+                self.conditions(plan, plan.local), options or self.options, seeds=plan.seeds[plan.local].tolist(),
                 batch_size=self.config.sampling.batch_size,
             )
         scores = on_every_process(trainer, lambda: self.reward(rollout.outputs, rollout.texts).rewards.float())

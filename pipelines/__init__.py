@@ -10,6 +10,7 @@ from genalign.config import ConfigError
 PIPELINES: dict[str, str] = {
     "ddpo": "pipelines.ddpo:DDPOPipeline",
     "draft": "pipelines.draft:DRaFTPipeline",
+    "dragon": "pipelines.dragon:DRAGONPipeline",
     "drakes": "pipelines.drakes:DRAKESPipeline",
     "prdp": "pipelines.prdp:PRDPPipeline",
 }

@@ -444,6 +444,39 @@ class DiffusionGenerator:
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
+    def denoising_error(
+        self,
+        latents: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """The denoiser's training error on clean `latents` noised to `timesteps` (what Diffusion-DPO/KTO compare
+        between the policy and `reference()`): mean over elements of (prediction − target)², the target being
+        the noise (ε-prediction) or the velocity (v-prediction), conditioned without guidance.
+
+        Args:
+            latents: [B, C, h, w] clean latents (a trajectory's last state).
+            conditioning: a trajectory's conditioning (only the conditional embeddings are used).
+            timesteps: [B] integer training timesteps in [0, num_train_timesteps).
+            noise: [B, C, h, w] standard normal noise.
+        Returns:
+            [B] float32 errors, differentiable w.r.t. the denoiser.
+        """
+        latents, noise = latents.to(self.device), noise.to(self.device)
+        timesteps = timesteps.to(self.device).long()
+        cond = PromptEmbeds.from_conditioning({k: v.to(self.device) for k, v in conditioning.items()})
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.predict(noisy.to(self.dtype), timesteps, cond, None, 1.0)
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"denoising_error supports epsilon and v_prediction models, not {kind!r}")
+        return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
     def _denoiser_forward(self) -> torch.nn.Module:
         """The module a forward pass goes through: the frozen copy inside `reference()` under full fine-tuning,
         else the distributed wrapper once a trainer prepared one, else the denoiser itself."""
