@@ -223,7 +223,7 @@ class DRAGONPipeline(Pipeline):
         c = config
         if not hasattr(self.generator, "denoising_error"):
             raise ConfigError(f"DRAGON's losses compare denoising errors; {type(self.generator).__name__} has no "
-                              "denoising_error (use a diffusion model: images or audio)")
+                              "denoising_error (use a diffusion model)")
         if c.construction == "paired" and c.samples_per_prompt < 2:
             raise ConfigError("construction 'paired' compares a prompt's samples: set samples_per_prompt ≥ 2")
         if c.construction == "two_sets" and c.samples_per_prompt < 2:
@@ -312,12 +312,8 @@ class DRAGONPipeline(Pipeline):
         if total == 0:
             trainer.warn(f"round {epoch}: no demonstrations (every score tied); no update")
             return {"dragon_loss": math.nan}
-        # The noise and timesteps of every item, seeded by (run seed, round, update): resuming repeats them.
-        rng = torch.Generator().manual_seed(int(np.random.SeedSequence([c.trainer.seed, epoch, update, 11])
-                                                .generate_state(1)[0]))
-        latents = trajectory.states[:, -1]
-        noise = torch.randn((total, *latents.shape[1:]), generator=rng)
-        timesteps = torch.randint(self.generator.scheduler.config.num_train_timesteps, (total,), generator=rng)
+        # One seed per item for its timestep and noise, from (run seed, round, update): resuming repeats them.
+        seeds = np.random.SeedSequence([c.trainer.seed, epoch, update, 11]).generate_state(total).astype(np.int64)
         mine = torch.arange(trainer.process_index, total, trainer.num_processes)
         per_process = math.ceil(total / trainer.num_processes)
         micro_batches = math.ceil(per_process / c.train_batch_size)
@@ -330,18 +326,16 @@ class DRAGONPipeline(Pipeline):
             weight = len(rows)
             if weight == 0:  # fewer items here than on other processes: a zero-weight pass keeps DDP in step
                 rows, weight = mine[:1] if len(mine) else torch.zeros(1, dtype=torch.long), 0
-            if c.loss == "dpo":
-                pair = items[rows]
-                index = torch.cat([pair[:, 0], pair[:, 1]])
-                eps, t = noise[rows].repeat(2, 1, 1, 1), timesteps[rows].repeat(2)
+            if c.loss == "dpo":  # winners then losers, each pair sharing its seed
+                index = torch.cat([items[rows, 0], items[rows, 1]])
+                item_seeds = np.concatenate([seeds[rows.numpy()]] * 2)
             else:
-                index, eps, t = items[rows], noise[rows], timesteps[rows]
-            x0 = latents[index]
-            conditioning = {name: value[index] for name, value in trajectory.conditioning.items()}
+                index, item_seeds = items[rows], seeds[rows.numpy()]
+            batch = trajectory[index]
             with torch.no_grad(), self.generator.reference(), trainer.autocast():
-                ref = self.generator.denoising_error(x0, conditioning, t, eps)
+                ref = self.generator.denoising_error(batch, item_seeds)
             with trainer.autocast():
-                policy = self.generator.denoising_error(x0, conditioning, t, eps)
+                policy = self.generator.denoising_error(batch, item_seeds)
             if c.loss == "dpo":
                 k = len(rows)
                 loss, s = diffusion_dpo_loss(policy[:k], policy[k:], ref[:k], ref[k:], c.beta)

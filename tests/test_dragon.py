@@ -181,9 +181,17 @@ def test_denoising_error_matches_an_independent_computation(tiny_sd_dir):
         pred = gen.denoiser(noisy, t, encoder_hidden_states=traj.conditioning["embeds"]).sample
     for kind, target in [("v_prediction", abar.sqrt() * eps - (1 - abar).sqrt() * x0), ("epsilon", eps)]:
         gen.scheduler = DDIMScheduler.from_config(gen.scheduler.config, prediction_type=kind)
-        got = gen.denoising_error(x0, traj.conditioning, t, eps)
+        got = gen.denoising_error_at(x0, traj.conditioning, t, eps)
         assert got.shape == (2,)
         torch.testing.assert_close(got.detach(), ((pred - target) ** 2).flatten(1).mean(1), rtol=1e-5, atol=1e-6)
+    # The protocol-level call draws t, then ε, from each sample's seed; equal seeds give equal draws.
+    draws = [torch.Generator().manual_seed(s) for s in (3, 3)]
+    t = torch.cat([torch.randint(gen.scheduler.config.num_train_timesteps, (1,), generator=g) for g in draws])
+    eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in draws])
+    with torch.no_grad():
+        by_seed = gen.denoising_error(traj, [3, 3])
+    torch.testing.assert_close(by_seed, gen.denoising_error_at(x0, traj.conditioning, t, eps).detach())
+    assert not torch.equal(by_seed, gen.denoising_error(traj, [3, 4]).detach())
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -196,16 +204,13 @@ def test_training_leaves_the_reference_alone_and_moves_the_policy(tiny_sd_dir, t
     pipe = DRAGONPipeline(config)
     gen = pipe.generator
     rollout = gen.sample(PROMPTS[:2], pipe.options, seeds=[5, 6])
-    x0, cond = rollout.trajectory.states[:, -1], rollout.trajectory.conditioning
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([100, 500])
     with torch.no_grad():
-        before = gen.denoising_error(x0, cond, t, eps)
+        before = gen.denoising_error(rollout.trajectory, [100, 500])
     pipe.train()
     with torch.no_grad():
         with gen.reference():
-            reference_after = gen.denoising_error(x0, cond, t, eps)
-        policy_after = gen.denoising_error(x0, cond, t, eps)
+            reference_after = gen.denoising_error(rollout.trajectory, [100, 500])
+        policy_after = gen.denoising_error(rollout.trajectory, [100, 500])
     assert torch.equal(reference_after, before)
     assert not torch.allclose(policy_after, before)
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -444,7 +444,23 @@ class DiffusionGenerator:
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
-    def denoising_error(
+    def denoising_error(self, trajectory: Trajectory, seeds: Sequence[int]) -> torch.Tensor:
+        """The denoiser's training error on each trajectory's final sample, at a timestep and noise drawn from the
+        sample's seed (what Diffusion-DPO/KTO compare between the policy and `reference()`; equal seeds give equal
+        draws, so a winner and a loser can share theirs). From `torch.Generator().manual_seed(seed)`: first t
+        (uniform over the training timesteps), then ε of the latent's shape.
+
+        Returns:
+            [B] float32, differentiable w.r.t. the denoiser (see `denoising_error_at`).
+        """
+        latents = trajectory.states[:, -1]
+        draws = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.cat([torch.randint(steps, (1,), generator=g) for g in draws])
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in draws])
+        return self.denoising_error_at(latents, trajectory.conditioning, timesteps, noise)
+
+    def denoising_error_at(
         self,
         latents: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
