@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,19 @@ def build_gold(name: str, **kwargs: Any):
         raise ValueError(f"unknown gold evaluator {name!r}; known: {sorted(GOLD_EVALUATORS)}")
     module, cls = GOLD_EVALUATORS[name]
     return getattr(importlib.import_module(module), cls)(**kwargs)
+
+
+def read_partial_world(folder: str | Path) -> dict:
+    """The world.json of a world folder being built, or {} before its first stage."""
+    path = Path(folder) / WORLD_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_world_file(folder: str | Path, data: dict) -> None:
+    """Write world.json atomically (an interrupted build never leaves half a file)."""
+    tmp = Path(folder) / f".{WORLD_FILE}.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, Path(folder) / WORLD_FILE)
 
 
 def read_world_file(folder: str | Path, world: str) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import WORLD_FILE, shapes
+from . import read_partial_world, shapes, write_world_file
 
 STAGES: tuple[str, ...] = ("clip", "judge", "aesthetic", "vae", "t2i", "report")
 
@@ -255,17 +255,6 @@ _STAGE_FUNCTIONS: dict[str, Callable[[ShapesRecipe, Path, Path, bool], dict]] = 
 }
 
 
-def _read_world(folder: Path) -> dict:
-    path = folder / WORLD_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _write_world(folder: Path, data: dict) -> None:
-    tmp = folder / f".{WORLD_FILE}.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, folder / WORLD_FILE)
-
-
 def build_shapes_world(
     folder: str | os.PathLike,
     recipe: ShapesRecipe = RECIPES["full"],
@@ -284,7 +273,7 @@ def build_shapes_world(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    world = _read_world(folder)
+    world = read_partial_world(folder)
     if world and world.get("recipe") != asdict(recipe) and not force:
         raise ValueError(
             f"{folder} holds a shapes world built with another recipe; pass force=True (--force) to rebuild it "
@@ -308,7 +297,7 @@ def build_shapes_world(
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         world["stages"][name] = metrics
-        _write_world(folder, world)
+        write_world_file(folder, world)
         if progress:
             print(f"[shapes] {name}: " + json.dumps({k: _round(v) for k, v in metrics.items()}), flush=True)
     # The T2I folder carries its own copy of the VAE; the stage folder was only its input.

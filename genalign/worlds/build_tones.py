@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from genalign.worlds import WORLD_FILE
+from genalign.worlds import read_partial_world, write_world_file
 
 STAGES: tuple[str, ...] = ("clap", "gold", "exemplars", "vae", "t2a", "report")
 
@@ -257,17 +257,6 @@ _STAGE_FUNCTIONS = {
 }
 
 
-def _read_world(folder: Path) -> dict:
-    path = folder / WORLD_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _write_world(folder: Path, data: dict) -> None:
-    tmp = folder / f".{WORLD_FILE}.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, folder / WORLD_FILE)
-
-
 def build_tones_world(
     folder: str | os.PathLike,
     recipe: TonesRecipe = RECIPES["full"],
@@ -284,7 +273,7 @@ def build_tones_world(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    world = _read_world(folder)
+    world = read_partial_world(folder)
     if world and world.get("recipe") != _jsonable(asdict(recipe)) and not force:
         raise ValueError(f"{folder} holds a tones world built with another recipe; pass force=True (--force) to "
                          "rebuild it with this one, or choose another folder")
@@ -306,7 +295,7 @@ def build_tones_world(
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         world["stages"][name] = metrics
-        _write_world(folder, world)
+        write_world_file(folder, world)
         if progress:
             print(f"[tones] {name}: " + json.dumps({k: _round(v) for k, v in metrics.items()}), flush=True)
     # The T2A folder carries its own copy of the VAE; the stage folder was only its input.
