@@ -84,6 +84,9 @@ class PromptRow:
     before: list[GallerySample]
     after: list[GallerySample]
     figures: list[tuple[str, Image.Image]] = field(default_factory=list)
+    # The two grids' headings (also the stems of their files: keep them to letters, digits and _), e.g.
+    # ("positive", "negative") for a round's demonstrations.
+    sides: tuple[str, str] = ("before", "after")
 
 
 # --------------------------------------------------------------------------- io
@@ -375,7 +378,7 @@ def write_gallery(
             figures.append(f"<figure>{tag}<figcaption>{_esc(caption)}</figcaption></figure>")
         grids = "".join(
             _grid_html(side, samples, idx, row.prompt, out_dir, upscale_to)
-            for side, samples in (("before", row.before), ("after", row.after))
+            for side, samples in zip(row.sides, (row.before, row.after))
         )
         body.append(
             f'<section class="prompt" id="prompt-{idx}"><h2>Prompt {idx + 1}</h2>'

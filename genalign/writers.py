@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import numbers
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from PIL import Image
 
 from genalign.audio_io import write_wav
@@ -93,6 +95,13 @@ def gallery_samples(rollout: Rollout, generator: Generator, rewards: Sequence[fl
     """The rollout's samples as gallery entries with their rewards and labels."""
     return [GallerySample(image=item, reward=float(r), labels=label)
             for item, r, label in zip(displayable(rollout, generator), rewards, labels)]
+
+
+def subset_gallery_samples(rollout: Rollout, outputs: torch.Tensor, generator: Generator, rewards: Sequence[float],
+                           labels: Sequence[dict[str, str]]) -> list[GallerySample]:
+    """Gallery entries for `outputs`: samples of the kind `rollout` holds but not its own rows (e.g. some of
+    every process's outputs, gathered)."""
+    return gallery_samples(replace(rollout, outputs=outputs), generator, rewards, labels)
 
 
 def sample_figures(rollouts: dict[str, Rollout], generator: Generator) -> list[tuple[str, Image.Image]]:

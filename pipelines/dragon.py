@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
@@ -27,10 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genalign.config import ConfigError, PositiveFloat, PositiveInt
+from genalign.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
 from genalign.engine import Pipeline, PipelineConfig, gather_in_order, gather_trajectory, reward_metrics, total_reward
+from genalign.gallery import PromptRow, write_gallery
 from genalign.generators.base import Generator, Trajectory
 from genalign.trainer import Trainer
+from genalign.writers import subset_gallery_samples
 
 Strategy = Literal["paired", "unpaired", "two_sets", "leave_one_out", "greedy"]
 SET_STRATEGIES = ("two_sets", "leave_one_out", "greedy")
@@ -50,6 +53,7 @@ class DRAGONConfig(PipelineConfig):
     kto_undesirable_weight: PositiveFloat = 1.0  # λ on D−
     updates_per_epoch: PositiveInt = 1  # optimiser updates per round on the same demonstrations
     train_batch_size: PositiveInt = 4  # pairs (DPO) or samples (KTO) per model call
+    demo_gallery_round: NonNegativeInt | None = 0  # this round's D+ and D− go to run_dir/demonstrations (null: none)
 
 
 # --------------------------------------------------------------------------------------------- losses
@@ -228,6 +232,10 @@ class DRAGONPipeline(Pipeline):
             raise ConfigError("construction 'paired' compares a prompt's samples: set samples_per_prompt ≥ 2")
         if c.construction == "two_sets" and c.samples_per_prompt < 2:
             raise ConfigError("construction 'two_sets' splits each prompt's samples in two: samples_per_prompt ≥ 2")
+        kind = getattr(self.reward, "kind", "instance")
+        if kind == "distribution_to_distribution" and c.construction not in SET_STRATEGIES:
+            raise ConfigError(f"reward {self.reward.name!r} scores whole sets, so construction {c.construction!r} has no "
+                              f"per-sample scores to split; use one of {list(SET_STRATEGIES)}")
         if not 0 < c.positive_fraction <= 0.5:
             raise ConfigError(f"positive_fraction must be in (0, 0.5], got {c.positive_fraction}")
         self.demo_options = self.options
@@ -247,7 +255,13 @@ class DRAGONPipeline(Pipeline):
             scores = total_reward(samples.global_scores).cpu()
             trajectory = gather_trajectory(trainer, samples.rollout.trajectory, plan)
             # 2. D+ and D−.
-            demos, set_metrics = self.demonstrations(trainer, samples, scores)
+            outputs = None
+            if c.construction in SET_STRATEGIES or epoch == c.demo_gallery_round:
+                outputs = gather_in_order(trainer, samples.rollout.outputs, plan)
+            demos, set_metrics = self.demonstrations(samples, outputs, scores)
+            if epoch == c.demo_gallery_round and trainer.is_main:
+                self.write_demonstrations(trainer.run_dir / "demonstrations" / f"round_{epoch:04d}", samples,
+                                          outputs, scores, demos)
             # 3. Preference updates against the reference.
             update_stats = [self._update(trainer, trajectory, demos, epoch, k) for k in range(c.updates_per_epoch)]
             metrics = {
@@ -263,15 +277,21 @@ class DRAGONPipeline(Pipeline):
             last = self.finish_epoch(trainer, epoch, metrics, {}, tic, len(plan))
         return last
 
-    def demonstrations(self, trainer: Trainer, samples, scores: torch.Tensor) -> tuple[Demonstrations, dict]:
-        """This round's D+ / D− by the configured strategy, and what the strategy measured on the way."""
+    def demonstrations(self, samples, outputs: torch.Tensor | None, scores: torch.Tensor
+                       ) -> tuple[Demonstrations, dict]:
+        """This round's D+ / D− by the configured strategy, and what the strategy measured on the way.
+
+        Args:
+            outputs: every process's outputs in global order (needed by the set strategies).
+            scores: [N] per-sample rewards in global order.
+        """
         c = self.config
         n = len(scores)
         if c.construction == "paired":
             return paired_per_prompt(scores, c.samples_per_prompt), {}
         if c.construction == "unpaired":
             return global_split(scores, c.positive_fraction), {}
-        set_score = self._set_scorer(trainer, samples)
+        set_score = self._set_scorer(samples, outputs, scores)
         if c.construction == "two_sets":
             demos = two_set_comparison(set_score, c.samples_per_prompt, n)
         elif c.construction == "leave_one_out":
@@ -283,19 +303,51 @@ class DRAGONPipeline(Pipeline):
             metrics.update(set_score_positive=set_score(demos.positive), set_score_negative=set_score(demos.negative))
         return demos, metrics
 
-    def _set_scorer(self, trainer: Trainer, samples) -> SetScore:
-        """R(subset of the round's samples): the reward's `set_score` (set-level rewards) or its mean reward,
-        computed on the gathered outputs so that every process sees the same sets."""
-        outputs = gather_in_order(trainer, samples.rollout.outputs, samples.plan)
-        texts = [self.prompts[int(i)] for i in samples.plan.prompt_index]
+    def _set_scorer(self, samples, outputs: torch.Tensor, scores: torch.Tensor) -> SetScore:
+        """R(subset of the round's samples), the same on every process (it sees every process's outputs).
 
-        def set_score(indices: torch.Tensor) -> float:
+        A reward with embeddings (`rewards.distribution`) embeds the outputs once, and every subset is scored on
+        slices of those embeddings (`set_score`); any other reward scores a set by its mean per-sample reward,
+        from the scores already computed."""
+        if hasattr(self.reward, "score_embeddings"):
             with torch.no_grad():
-                result = self.reward(outputs[indices.to(outputs.device)], [texts[int(i)] for i in indices])
-            value = result.metadata.get("set_score") if result.metadata else None
-            return float(total_reward(result.rewards.float()).mean() if value is None else value)
+                embeddings = self.reward.embed(outputs)
 
-        return set_score
+            def set_score(indices: torch.Tensor) -> float:
+                with torch.no_grad():
+                    return float(self.reward.set_score(embeddings[indices.to(embeddings.device)]))
+
+            return set_score
+        if getattr(self.reward, "kind", "instance") == "distribution_to_distribution":
+            texts = [self.prompts[int(i)] for i in samples.plan.prompt_index]
+
+            def set_score(indices: torch.Tensor) -> float:  # a set reward without embeddings: score each subset
+                with torch.no_grad():
+                    result = self.reward(outputs[indices.to(outputs.device)], [texts[int(i)] for i in indices])
+                value = (result.metadata or {}).get("set_score")
+                return float(total_reward(result.rewards.float()).mean() if value is None else value)
+
+            return set_score
+        return lambda indices: float(scores[indices].mean())
+
+    def write_demonstrations(self, folder: Path, samples, outputs: torch.Tensor, scores: torch.Tensor,
+                             demos: Demonstrations) -> Path:
+        """One round's demonstrations as a gallery: per prompt, its samples in D+ and in D− with their rewards."""
+        prompt_index = np.asarray(samples.plan.prompt_index)
+        positive, negative = set(demos.positive.tolist()), set(demos.negative.tolist())
+        rows = []
+        for prompt in dict.fromkeys(prompt_index.tolist()):
+            mine = np.flatnonzero(prompt_index == prompt)
+            sides = []
+            for members, label in ((positive, "D+"), (negative, "D−")):
+                index = [int(i) for i in mine if int(i) in members]
+                labels = [{"set": label, "seed": str(int(samples.plan.seeds[i]))} for i in index]
+                sides.append(subset_gallery_samples(samples.rollout, outputs[index], self.generator,
+                                                    scores[index].tolist(), labels))
+            rows.append(PromptRow(self.prompts[prompt], sides[0], sides[1], sides=("positive", "negative")))
+        summary = {"construction": self.config.construction, "loss": self.config.loss, "D+": len(positive),
+                   "D−": len(negative), "pairs": len(demos.pairs)}
+        return write_gallery(folder, rows, title="DRAGON demonstrations: D+ and D− of one round", summary=summary)
 
     def _update(self, trainer: Trainer, trajectory: Trajectory, demos: Demonstrations, epoch: int,
                 update: int) -> dict[str, float]:
@@ -344,7 +396,7 @@ class DRAGONPipeline(Pipeline):
                                              c.kto_desirable_weight, c.kto_undesirable_weight)
             trainer.backward(loss * weight * scale)
             if weight:
-                losses.append(float(loss) * weight)
+                losses.append(float(loss.detach()) * weight)
                 stats.append({key: float(v) for key, v in s.items()})
         trainer.optimizer_step()
         out = {"dragon_loss": sum(losses) / max(1, len(mine))}

@@ -23,14 +23,18 @@ set-level score and per-sample credits on the same batch embed it only once.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
 
 from .base import MODALITIES, Reward, RewardError, RewardOutput, register_reward
+from .embedders import build_embedder, exemplar_embeddings
 
 __all__ = [
     "BatchFD",
@@ -513,39 +517,44 @@ def _vendi_leave_one_out(emb: torch.Tensor, q: float, normalize: bool) -> torch.
 # ------------------------------------------------------------ embeddings
 
 
-def _batch_key(outputs: Any) -> tuple:
+def _row_key(row: Any) -> Any:
+    """A content key of one sample (a tensor row or a string); None when the sample cannot be keyed."""
+    if isinstance(row, torch.Tensor):
+        data = row.detach().cpu().contiguous()
+        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+        return (tuple(data.shape), str(data.dtype), digest)
+    if isinstance(row, str):
+        return ("str", row)
+    return None
+
+
+def _identity(outputs: Any) -> tuple:
     if isinstance(outputs, torch.Tensor):
         return (id(outputs), tuple(outputs.shape), outputs.dtype, outputs.device, outputs._version)
-    try:
-        size = len(outputs)
-    except TypeError:
-        size = None
-    return (id(outputs), size)
+    return (id(outputs), len(outputs) if hasattr(outputs, "__len__") else None)
 
 
 class EmbeddingCache(torch.nn.Module):
-    """Embeds each batch once and shares the result between rewards.
+    """Embeds each sample once and shares the result between rewards, batches and calls.
 
-    Wraps an embedder callable (``outputs -> [B, D]`` or ``[B, F, D]``). The
-    embeddings of the *current* batch are kept, keyed by ``id(outputs)``,
-    shape (or length), dtype, device and in-place version, plus a weak
-    reference to the batch itself so a new object that reuses a freed id is
-    never mistaken for the old one. Pass one cache to several rewards (e.g.
-    ``batch_fd`` for the set score and ``vendi`` for per-sample credits) and
-    the embedder runs once per batch; a new batch replaces the entry.
+    Wraps an embedder callable (``outputs -> [B, D]`` or ``[B, F, D]``). Without gradients, embeddings are
+    kept per sample, keyed by the sample's content (a hash of its bytes, shape and dtype; strings by value),
+    for the last ``capacity`` samples: a batch, any subset of it, and a batch gathered from several processes
+    that holds it are all served from the cache, and only samples never seen are embedded (in one call).
+    Pass one cache to several rewards (e.g. ``batch_fd`` for the set score and ``vendi`` for per-sample
+    credits) and the embedder runs once per batch.
 
-    If the cached embeddings were computed under ``torch.no_grad()`` (a
-    non-differentiable reward ran first) and a later call needs gradients
-    (grad enabled and ``outputs.requires_grad``), the batch is embedded again
-    with autograd. Call :meth:`clear` to drop the batch and its embeddings.
+    When gradients are needed (grad enabled and ``outputs.requires_grad``) the batch is embedded with
+    autograd, and that graph is reused only for the very same tensor object (same in-place version).
 
     Attributes:
-        embedder: the wrapped callable (registered as a submodule when it is
-            an ``nn.Module``, so ``.to(device)`` moves it).
-        calls: how many times the embedder has run (diagnostics).
+        embedder: the wrapped callable (registered as a submodule when it is an ``nn.Module``, so
+            ``.to(device)`` moves it).
+        calls: how many times the embedder has run.
+        hits, misses: samples served from the cache / embedded.
     """
 
-    def __init__(self, embedder: Callable[[Any], torch.Tensor]) -> None:
+    def __init__(self, embedder: Callable[[Any], torch.Tensor], capacity: int = 65_536) -> None:
         super().__init__()
         if isinstance(embedder, EmbeddingCache):
             embedder = embedder.embedder
@@ -555,32 +564,16 @@ class EmbeddingCache(torch.nn.Module):
                 f"(e.g. a CLIP image tower); got {type(embedder).__name__}"
             )
         self.embedder = embedder
-        self.calls = 0
+        self.capacity = int(capacity)
+        self.calls = self.hits = self.misses = 0
         self.clear()
 
     def clear(self) -> None:
-        """Forget the cached batch and its embeddings."""
-        self._key: tuple | None = None
-        self._ref: Callable[[], Any] | None = None
-        self._embeddings: torch.Tensor | None = None
-        self._has_graph = False
+        """Forget every cached embedding."""
+        self._rows: OrderedDict[Any, torch.Tensor] = OrderedDict()
+        self._graph: tuple[Callable[[], Any], tuple, torch.Tensor] | None = None
 
-    def _same_batch(self, outputs: Any) -> bool:
-        return (
-            self._embeddings is not None
-            and self._ref is not None
-            and self._ref() is outputs
-            and self._key == _batch_key(outputs)
-        )
-
-    def embed(self, outputs: Any) -> torch.Tensor:
-        """Embeddings of ``outputs`` (``[B, D]`` or ``[B, F, D]``), computed once per batch."""
-        need_graph = (
-            torch.is_grad_enabled() and isinstance(outputs, torch.Tensor) and outputs.requires_grad
-        )
-        if self._same_batch(outputs) and (self._has_graph or not need_graph):
-            emb = self._embeddings
-            return emb if torch.is_grad_enabled() else emb.detach()
+    def _run(self, outputs: Any) -> torch.Tensor:
         emb = self.embedder(outputs)
         self.calls += 1
         if not isinstance(emb, torch.Tensor):
@@ -588,13 +581,48 @@ class EmbeddingCache(torch.nn.Module):
                 f"embedder returned {type(emb).__name__}; it must return a tensor [B, D] or [B, F, D] "
                 f"(for HF models, take e.g. .image_embeds or .pooler_output)"
             )
-        try:
-            self._ref = weakref.ref(outputs)
-        except TypeError:  # lists and other builtins cannot be weakly referenced
-            self._ref = lambda o=outputs: o
-        self._key = _batch_key(outputs)
-        self._embeddings = emb
-        self._has_graph = torch.is_grad_enabled()
+        return emb
+
+    def _store(self, key: Any, emb: torch.Tensor) -> None:
+        self._rows[key] = emb.detach()
+        self._rows.move_to_end(key)
+        while len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
+
+    def embed(self, outputs: Any) -> torch.Tensor:
+        """Embeddings of ``outputs`` (``[B, D]`` or ``[B, F, D]``), each sample computed once."""
+        if torch.is_grad_enabled() and isinstance(outputs, torch.Tensor) and outputs.requires_grad:
+            return self._embed_with_graph(outputs)
+        samples = list(outputs) if not isinstance(outputs, torch.Tensor) else outputs.unbind(0)
+        keys = [_row_key(s) for s in samples]
+        if any(k is None for k in keys):  # unkeyable samples: embed the batch as it is
+            self.misses += len(keys)
+            return self._run(outputs).detach()
+        missing = [i for i, k in enumerate(keys) if k not in self._rows]
+        fresh: dict[Any, torch.Tensor] = {}
+        if missing:
+            index = torch.tensor(missing, device=outputs.device) if isinstance(outputs, torch.Tensor) else None
+            subset = outputs[index] if index is not None else [outputs[i] for i in missing]
+            with torch.no_grad():
+                emb = self._run(subset)
+            if emb.ndim < 2 or emb.shape[0] != len(missing):
+                return emb  # the reward's shape check names the problem
+            for i, row in zip(missing, emb):
+                fresh[keys[i]] = row
+                self._store(keys[i], row)
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        return torch.stack([fresh[k] if k in fresh else self._rows[k] for k in keys])
+
+    def _embed_with_graph(self, outputs: torch.Tensor) -> torch.Tensor:
+        if self._graph is not None:
+            ref, identity, emb = self._graph
+            if ref() is outputs and identity == _identity(outputs):
+                self.hits += outputs.shape[0]
+                return emb
+        emb = self._run(outputs)
+        self.misses += outputs.shape[0]
+        self._graph = (weakref.ref(outputs), _identity(outputs), emb)
         return emb
 
     def forward(self, outputs: Any) -> torch.Tensor:
@@ -613,15 +641,25 @@ def _device_of(outputs: Any, emb: torch.Tensor) -> torch.device:
 
 
 class _EmbeddingReward(Reward):
-    """Shared plumbing: embedder (wrapped in an :class:`EmbeddingCache`), modality, differentiability."""
+    """Shared plumbing: the embedder (wrapped in an :class:`EmbeddingCache`), modality, differentiability, and
+    the public scoring of precomputed embeddings.
+
+    ``reward(outputs)`` is ``reward.score_embeddings(reward.embed(outputs))``. Algorithms that score many
+    subsets of one set of outputs (DRAGON's set construction) embed once with :meth:`embed` and then call
+    :meth:`score_embeddings`, :meth:`set_score`, :meth:`per_sample_credit` or :meth:`compare_sets` on slices
+    of the embeddings, so the embedder never runs again.
+    """
 
     modality = "image"
     differentiable = True
 
     def __init__(
-        self, embedder: Callable[[Any], torch.Tensor], *, modality: str = "image", differentiable: bool = True
+        self, embedder: Any, *, modality: str | None = None, differentiable: bool = True
     ) -> None:
         super().__init__()
+        if not isinstance(embedder, EmbeddingCache):
+            embedder = build_embedder(embedder)
+        modality = modality or getattr(getattr(embedder, "embedder", embedder), "modality", None) or "image"
         if modality not in MODALITIES:
             raise RewardError(
                 f"reward '{self.name}' got modality={modality!r}; use one of {list(MODALITIES)}"
@@ -630,6 +668,46 @@ class _EmbeddingReward(Reward):
         # Whether gradients flow through the embedder; False -> scoring under no_grad.
         self.differentiable = bool(differentiable)
         self.embeddings = embedder if isinstance(embedder, EmbeddingCache) else EmbeddingCache(embedder)
+
+    def _load_set(self, source: Any) -> torch.Tensor:
+        """Embeddings of a reference or exemplar set given as a path (see `rewards.embedders`) or a tensor."""
+        if isinstance(source, (str, os.PathLike)):
+            return exemplar_embeddings(self.embeddings.embedder, source)
+        return source
+
+    def embed(self, outputs: Any) -> torch.Tensor:
+        """Embeddings ``[B, D]`` or ``[B, F, D]`` of ``outputs``, from the cache when seen before."""
+        return self._embed(outputs)
+
+    def score(self, outputs: Any, conditions: Sequence[str] | None) -> RewardOutput:
+        emb = self._embed(outputs)
+        out = self.score_embeddings(emb)
+        device = _device_of(outputs, emb)
+        return RewardOutput(out.rewards.to(device), out.metadata)
+
+    def score_embeddings(self, emb: torch.Tensor) -> RewardOutput:
+        """The reward of precomputed embeddings ``[B, D]`` / ``[B, F, D]``: ``rewards`` [B] and metadata
+        (``set_score`` for set-level rewards)."""
+        raise NotImplementedError
+
+    def set_score(self, emb: torch.Tensor) -> torch.Tensor:
+        """The scalar score of a set of embeddings: the set-level value (``metadata["set_score"]``) of a
+        distribution-level reward, the mean per-sample reward of an instance-level one."""
+        out = self.score_embeddings(emb)
+        value = (out.metadata or {}).get("set_score")
+        return out.rewards.mean() if value is None else value
+
+    def per_sample_credit(self, emb: torch.Tensor) -> torch.Tensor:
+        """[B] leave-one-out credit R(set) − R(set without i) on precomputed embeddings."""
+        with torch.no_grad():
+            total = self.set_score(emb)
+            keep = ~torch.eye(emb.shape[0], dtype=torch.bool, device=emb.device)
+            return torch.stack([total - self.set_score(emb[keep[i]]) for i in range(emb.shape[0])])
+
+    def compare_sets(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """R(first) − R(second) on precomputed embeddings: > 0 when the first set is better."""
+        with torch.no_grad():
+            return self.set_score(first) - self.set_score(second)
 
     def _embed(self, outputs: Any) -> torch.Tensor:
         """Embed via the (shared) cache and check the result: ``[B, D]`` or ``[B, F, D]``."""
@@ -734,29 +812,28 @@ class FDToReference(_GaussianReferenceReward):
 
     def __init__(
         self,
-        embedder: Callable[[Any], torch.Tensor],
-        reference_embeddings: torch.Tensor | None = None,
+        embedder: Any,
+        reference_embeddings: torch.Tensor | str | os.PathLike | None = None,
         reference_stats: Any = None,
         frames: bool = False,
         *,
-        modality: str = "image",
+        modality: str | None = None,
         differentiable: bool = True,
     ) -> None:
         super().__init__(embedder, modality=modality, differentiable=differentiable)
         self.frames = bool(frames)
-        self._set_reference(_reference_from(self.name, reference_embeddings, reference_stats))
+        reference = None if reference_embeddings is None else self._load_set(reference_embeddings)
+        self._set_reference(_reference_from(self.name, reference, reference_stats))
 
-    def score(self, outputs: Any, conditions: Sequence[str] | None) -> RewardOutput:
-        """outputs -> ``[B]`` = −(per-sample FD) or −‖e_i − μ_ref‖²."""
-        emb = self._embed(outputs)
+    def score_embeddings(self, emb: torch.Tensor) -> RewardOutput:
+        """``[B, F, D]`` (frames) or ``[B, D]`` -> ``[B]`` = −(per-sample FD) or −‖e_i − μ_ref‖²."""
         if self.frames:
             dist = self._per_sample_fd(emb)
         else:
             e = self._pooled(emb)
             self._check_dim(e.shape[-1])
             dist = (e.to(_F64) - self.ref_mean.to(e.device, _F64)).pow(2).sum(dim=-1).to(_out_dtype(e))
-        rewards = (-dist).to(_device_of(outputs, emb))
-        return RewardOutput(rewards, {"fd": dist.detach()})
+        return RewardOutput(-dist, {"fd": dist.detach()})
 
     def extra_repr(self) -> str:
         return f"frames={self.frames}, " + super().extra_repr()
@@ -779,19 +856,19 @@ class BatchFD(_GaussianReferenceReward):
 
     def __init__(
         self,
-        embedder: Callable[[Any], torch.Tensor],
-        reference_embeddings: torch.Tensor | None = None,
+        embedder: Any,
+        reference_embeddings: torch.Tensor | str | os.PathLike | None = None,
         reference_stats: Any = None,
         *,
-        modality: str = "image",
+        modality: str | None = None,
         differentiable: bool = True,
     ) -> None:
         super().__init__(embedder, modality=modality, differentiable=differentiable)
-        self._set_reference(_reference_from(self.name, reference_embeddings, reference_stats))
+        reference = None if reference_embeddings is None else self._load_set(reference_embeddings)
+        self._set_reference(_reference_from(self.name, reference, reference_stats))
 
-    def score(self, outputs: Any, conditions: Sequence[str] | None) -> RewardOutput:
-        """outputs -> ``[B]`` filled with −FD(batch, reference)."""
-        emb = self._embed(outputs)
+    def score_embeddings(self, emb: torch.Tensor) -> RewardOutput:
+        """``[B, D]`` or ``[B, F, D]`` -> ``[B]`` filled with −FD(set, reference)."""
         points = emb.reshape(-1, emb.shape[-1])
         self._check_dim(points.shape[-1])
         if points.shape[0] < 2:
@@ -801,9 +878,7 @@ class BatchFD(_GaussianReferenceReward):
             )
         mean2, cov2 = self._ref_stats(points.device)
         set_score = -_fd_to_stats(points, mean2, cov2).to(_out_dtype(points))
-        b = _batch_size(outputs)
-        rewards = set_score.expand(b).clone().to(_device_of(outputs, emb))
-        return RewardOutput(rewards, {"set_score": set_score})
+        return RewardOutput(set_score.expand(emb.shape[0]).clone(), {"set_score": set_score})
 
 
 @register_reward("vendi")
@@ -826,11 +901,11 @@ class Vendi(_EmbeddingReward):
 
     def __init__(
         self,
-        embedder: Callable[[Any], torch.Tensor],
+        embedder: Any,
         q: float = 1.0,
         normalize: bool = True,
         *,
-        modality: str = "image",
+        modality: str | None = None,
         differentiable: bool = True,
     ) -> None:
         super().__init__(embedder, modality=modality, differentiable=differentiable)
@@ -839,15 +914,18 @@ class Vendi(_EmbeddingReward):
         self.q = float(q)
         self.normalize = bool(normalize)
 
-    def score(self, outputs: Any, conditions: Sequence[str] | None) -> RewardOutput:
-        """outputs -> ``[B]`` filled with the batch Vendi score."""
-        emb = self._pooled(self._embed(outputs))
+    def score_embeddings(self, emb: torch.Tensor) -> RewardOutput:
+        """``[B, D]`` (or pooled ``[B, F, D]``) -> ``[B]`` filled with the set's Vendi score."""
+        emb = self._pooled(emb)
         value = vendi_score(emb, q=self.q, normalize=self.normalize)
-        loo = _vendi_leave_one_out(emb.detach(), self.q, self.normalize)
-        credit = (value.detach().to(_F64) - loo).to(value.dtype)
-        device = _device_of(outputs, emb)
-        rewards = value.expand(emb.shape[0]).clone().to(device)
-        return RewardOutput(rewards, {"set_score": value, "per_sample_credit": credit.to(device)})
+        rewards = value.expand(emb.shape[0]).clone()
+        return RewardOutput(rewards, {"set_score": value, "per_sample_credit": self.per_sample_credit(emb)})
+
+    def per_sample_credit(self, emb: torch.Tensor) -> torch.Tensor:
+        """[B] Vendi(all) − Vendi(all without i), from B eigen-decompositions batched in one call."""
+        emb = self._pooled(emb).detach()
+        value = vendi_score(emb, q=self.q, normalize=self.normalize)
+        return (value.to(_F64) - _vendi_leave_one_out(emb, self.q, self.normalize)).to(value.dtype)
 
     def extra_repr(self) -> str:
         return f"q={self.q}, normalize={self.normalize}, " + super().extra_repr()
@@ -877,17 +955,18 @@ class ExemplarSimilarity(_EmbeddingReward):
 
     def __init__(
         self,
-        embedder: Callable[[Any], torch.Tensor],
-        exemplar_embeddings: torch.Tensor,
+        embedder: Any,
+        exemplar_embeddings: torch.Tensor | str | os.PathLike,
         mode: Literal["mean_cosine", "max_cosine"] = "mean_cosine",
         *,
-        modality: str = "image",
+        modality: str | None = None,
         differentiable: bool = True,
     ) -> None:
         super().__init__(embedder, modality=modality, differentiable=differentiable)
         if mode not in ("mean_cosine", "max_cosine"):
             raise RewardError(f"reward 'exemplar_similarity' got mode={mode!r}; use 'mean_cosine' or 'max_cosine'")
-        ex = torch.as_tensor(exemplar_embeddings)
+        ex = torch.as_tensor(self._load_set(exemplar_embeddings))
+        ex = self._pooled(ex) if ex.ndim == 3 else ex
         if ex.ndim != 2 or ex.shape[0] < 1 or not ex.is_floating_point():
             raise RewardError(
                 f"reward 'exemplar_similarity' needs exemplar_embeddings as a float tensor [E, D] with E >= 1; "
@@ -896,9 +975,9 @@ class ExemplarSimilarity(_EmbeddingReward):
         self.mode = mode
         self.register_buffer("exemplars", _normalize_rows(ex.detach().to(_F64)))
 
-    def score(self, outputs: Any, conditions: Sequence[str] | None) -> RewardOutput:
-        """outputs -> ``[B]`` cosine similarity in [-1, 1]."""
-        emb = self._pooled(self._embed(outputs))
+    def score_embeddings(self, emb: torch.Tensor) -> RewardOutput:
+        """``[B, D]`` (or pooled ``[B, F, D]``) -> ``[B]`` cosine similarity in [-1, 1]."""
+        emb = self._pooled(emb)
         if emb.shape[-1] != self.exemplars.shape[-1]:
             raise RewardError(
                 f"reward 'exemplar_similarity': embedding size D={emb.shape[-1]} does not match the exemplars' "
@@ -910,7 +989,7 @@ class ExemplarSimilarity(_EmbeddingReward):
             sim = e @ _normalize_rows(ex.mean(dim=0))
         else:
             sim = (e @ ex.T).amax(dim=-1)
-        return RewardOutput(sim.to(_out_dtype(emb)).to(_device_of(outputs, emb)))
+        return RewardOutput(sim.to(_out_dtype(emb)))
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, " + super().extra_repr()
@@ -930,17 +1009,16 @@ class ExemplarFD(_GaussianReferenceReward):
 
     def __init__(
         self,
-        embedder: Callable[[Any], torch.Tensor],
-        exemplar_embeddings: torch.Tensor,
+        embedder: Any,
+        exemplar_embeddings: torch.Tensor | str | os.PathLike,
         *,
-        modality: str = "image",
+        modality: str | None = None,
         differentiable: bool = True,
     ) -> None:
         super().__init__(embedder, modality=modality, differentiable=differentiable)
-        self._set_reference(_reference_from(self.name, exemplar_embeddings, None, what="exemplar"))
+        self._set_reference(_reference_from(self.name, self._load_set(exemplar_embeddings), None, what="exemplar"))
 
-    def score(self, outputs: Any, conditions: Sequence[str] | None) -> RewardOutput:
-        """outputs -> ``[B]`` = −per-sample FD."""
-        emb = self._embed(outputs)
+    def score_embeddings(self, emb: torch.Tensor) -> RewardOutput:
+        """Frames ``[B, F, D]`` -> ``[B]`` = −per-sample FD."""
         dist = self._per_sample_fd(emb)
-        return RewardOutput((-dist).to(_device_of(outputs, emb)), {"fd": dist.detach()})
+        return RewardOutput(-dist, {"fd": dist.detach()})

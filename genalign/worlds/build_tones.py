@@ -1,4 +1,5 @@
-"""Build the tones world (audio) from its seeded recipe: CLAP, gold judge, exemplars, mel VAE, text-to-audio.
+"""Build the tones world (audio) from its seeded recipe: CLAP, aesthetic head, gold judge, exemplars, mel VAE,
+text-to-audio.
 
     python scripts/build_worlds.py tones                    # the full world -> runs/worlds/tones (~45 min)
     python scripts/build_worlds.py tones --recipe tiny --out /tmp/tones-tiny   # the same recipe in seconds
@@ -6,6 +7,8 @@
 Stages (each resumable; a finished stage is skipped when the build runs again):
 - clap: a tiny transformers ClapModel trained contrastively on synthesised clips and their captions (the
   CLAP-score reward, and the text tower of the text-to-audio model);
+- aesthetic: an aesthetic-style MLP head on the CLAP's audio embeddings fitted to a fixed pleasantness rule
+  (`genalign.worlds.tones_aesthetic`; the `clap_aesthetic` reward);
 - gold: a separately trained classifier of the synthesiser's parameters (the gold judge, never a reward);
 - exemplars: clips of one attribute combination ("bright, fast plucked melodies"), reward and eval halves;
 - vae: an AutoencoderKL on the vocoder's log-mels;
@@ -15,7 +18,7 @@ Stages (each resumable; a finished stage is skipped when the build runs again):
   accuracy of real clips passed through the VAE and vocoder (the ceiling the VAE allows).
 
 Seeds: every stage draws its clips from its own block of `genalign.worlds.tones.clip_seeds` ("data" for the
-T2A model, "clap", "gold", "exemplar"), so no clip is shared between training sets, reports and exemplars.
+T2A model, "clap", "aesthetic", "gold", "exemplar"), so no clip is shared between training sets, reports and exemplars.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from tqdm.auto import tqdm
 
 from genalign.worlds import read_partial_world, write_world_file
 
-STAGES: tuple[str, ...] = ("clap", "gold", "exemplars", "vae", "t2a", "report")
+STAGES: tuple[str, ...] = ("clap", "aesthetic", "gold", "exemplars", "vae", "t2a", "report")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class TonesRecipe:
     clap_clips: int = 4000
     clap_steps: int = 800
     clap_batch: int = 64
+    # The aesthetic head: clips synthesised and embedded once, then Adam steps of 256 of them.
+    aesthetic_clips: int = 3000
+    aesthetic_steps: int = 400
     gold_clips: int = 3000
     gold_steps: int = 600
     gold_batch: int = 64
@@ -74,7 +80,8 @@ class TonesRecipe:
 RECIPES: dict[str, TonesRecipe] = {
     "full": TonesRecipe(),
     "tiny": TonesRecipe(
-        clap_clips=64, clap_steps=3, clap_batch=16, gold_clips=64, gold_steps=3, gold_batch=16,
+        clap_clips=64, clap_steps=3, clap_batch=16, aesthetic_clips=32, aesthetic_steps=3,
+        gold_clips=64, gold_steps=3, gold_batch=16,
         eval_clips=16, exemplars_per_half=4, griffin_lim_iterations=4, t2a_clips=32, vae_steps=3, vae_batch=4,
         vae_widths=(8, 8, 8), unet_steps=3, unet_batch=4, unet_widths=(8, 16, 16),
         report_prompts=2, report_samples_per_prompt=1, report_steps=2,
@@ -126,6 +133,17 @@ def _stage_clap(recipe: TonesRecipe, out: Path, world: Path, progress: bool) -> 
                                                 eval_clips=recipe.eval_clips)
     save_tones_clap(model, processor, out)
     return report
+
+
+def _stage_aesthetic(recipe: TonesRecipe, out: Path, world: Path, progress: bool) -> dict:
+    from genalign.worlds.tones_aesthetic import save_aesthetic_head, train_aesthetic_head
+
+    bar = _Bar("aesthetic", recipe.aesthetic_steps, progress)
+    head, metrics = train_aesthetic_head(world / "clap", n_clips=recipe.aesthetic_clips, steps=recipe.aesthetic_steps,
+                                         seed=recipe.seed, held_out=recipe.eval_clips, progress=bar)
+    bar.close()
+    save_aesthetic_head(head, out)
+    return metrics
 
 
 def _stage_gold(recipe: TonesRecipe, out: Path, world: Path, progress: bool) -> dict:
@@ -249,6 +267,7 @@ def _real_clips_for(prompts: Sequence[str], recipe: TonesRecipe) -> tuple[torch.
 
 _STAGE_FUNCTIONS = {
     "clap": _stage_clap,
+    "aesthetic": _stage_aesthetic,
     "gold": _stage_gold,
     "exemplars": _stage_exemplars,
     "vae": _stage_vae,
@@ -295,6 +314,8 @@ def build_tones_world(
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         world["stages"][name] = metrics
+        # Listed in STAGES order, also when a stage added later is built into an existing world.
+        world["stages"] = {stage: world["stages"][stage] for stage in STAGES if stage in world["stages"]}
         write_world_file(folder, world)
         if progress:
             print(f"[tones] {name}: " + json.dumps({k: _round(v) for k, v in metrics.items()}), flush=True)

@@ -33,8 +33,8 @@ seeds from its own block (:func:`clip_seeds`), so the data of two purposes never
     seed = SEED_BLOCKS[purpose] * 10**9 + seed_index * 10**6 + (900_000 if held_out else 0) + i
 
 with purposes ``data`` (the text-to-audio VAE/UNet training clips), ``clap`` (the CLAP), ``gold`` (the gold
-judge) and ``exemplar`` (the exemplar set), ``seed_index`` (a recipe seed) in [0, 1000), up to 900,000
-training and 100,000 held-out clips per (purpose, seed_index).
+judge), ``exemplar`` (the exemplar set) and ``aesthetic`` (the aesthetic head), ``seed_index`` (a recipe seed)
+in [0, 1000), up to 900,000 training and 100,000 held-out clips per (purpose, seed_index).
 
 The generation path, imitated. :func:`log_mel` (n_fft 1024, hop 160, 64 Slaney-style mel bins over 0-8 kHz,
 dB) is the gold judge's front end, and :func:`degrade` returns clips as a mel-VAE + Griffin-Lim vocoder would
@@ -79,7 +79,7 @@ REGISTER_SPAN = 12
 NOTES_PER_SECOND: dict[str, tuple[float, float]] = {"slow": (2.0, 3.0), "fast": (6.0, 8.0)}
 PEAK: dict[str, tuple[float, float]] = {"quiet": (0.12, 0.18), "loud": (0.6, 0.8)}
 
-SEED_BLOCKS: dict[str, int] = {"data": 0, "clap": 1, "gold": 2, "exemplar": 3}
+SEED_BLOCKS: dict[str, int] = {"data": 0, "clap": 1, "gold": 2, "exemplar": 3, "aesthetic": 4}
 _BLOCK, _PER_SEED, _HELD_OUT_START = 10**9, 10**6, 900_000
 
 # Partials stay below this, under the 8 kHz Nyquist frequency even with vibrato and detune.
