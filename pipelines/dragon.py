@@ -266,7 +266,8 @@ class DRAGONPipeline(Pipeline):
             update_stats = [self._update(trainer, trajectory, demos, epoch, k) for k in range(c.updates_per_epoch)]
             metrics = {
                 **reward_metrics(samples.global_scores, self.reward.objectives),
-                **{key: float(np.nanmean([s[key] for s in update_stats])) for key in update_stats[0]},
+                **{key: float(np.nanmean([s.get(key, math.nan) for s in update_stats]))
+                   for key in dict.fromkeys(k for s in update_stats for k in s)},
                 **set_metrics,
                 "positives": len(demos.positive),
                 "negatives": len(demos.negative),
@@ -372,7 +373,7 @@ class DRAGONPipeline(Pipeline):
         # DDP averages gradients over processes; each micro-batch's loss is scaled so that they add up to the
         # mean over all items.
         scale = trainer.num_processes / total
-        losses, stats = [], []
+        sums: dict[str, float] = {}  # weighted sums of the loss and its statistics, reduced over processes below
         for b in range(micro_batches):
             rows = mine[b * c.train_batch_size : (b + 1) * c.train_batch_size]
             weight = len(rows)
@@ -395,11 +396,13 @@ class DRAGONPipeline(Pipeline):
                 loss, s = diffusion_kto_loss(policy, ref, desirable_all[rows].to(policy.device), c.beta,
                                              c.kto_desirable_weight, c.kto_undesirable_weight)
             trainer.backward(loss * weight * scale)
-            if weight:
-                losses.append(float(loss.detach()) * weight)
-                stats.append({key: float(v) for key, v in s.items()})
+            for key, value in {"dragon_loss": loss, **s}.items():
+                value = float(value.detach())
+                if weight and math.isfinite(value):
+                    sums[key] = sums.get(key, 0.0) + value * weight
+                    sums[f"{key}/count"] = sums.get(f"{key}/count", 0.0) + weight
         trainer.optimizer_step()
-        out = {"dragon_loss": sum(losses) / max(1, len(mine))}
-        for key in stats[0] if stats else ():
-            out[key] = float(np.nanmean([s[key] for s in stats]))
-        return out
+        keys = ("dragon_loss", "implicit_accuracy", "delta_mean", "kto_g_positive", "kto_g_negative", "kto_z")
+        sums = trainer.mean_across_processes({k: sums.get(k, 0.0) for key in keys for k in (key, f"{key}/count")})
+        # Means over every process's items (each process's sums were averaged, so the ratio is unchanged).
+        return {key: sums[key] / sums[f"{key}/count"] for key in keys if sums[f"{key}/count"] > 0}
