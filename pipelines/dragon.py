@@ -263,7 +263,7 @@ class DRAGONPipeline(Pipeline):
                 self.write_demonstrations(trainer.run_dir / "demonstrations" / f"round_{epoch:04d}", samples,
                                           outputs, scores, demos)
             # 3. Preference updates against the reference.
-            update_stats = [self._update(trainer, trajectory, demos, epoch, k) for k in range(c.updates_per_epoch)]
+            update_stats = [self.update(trainer, trajectory, demos, epoch, k) for k in range(c.updates_per_epoch)]
             metrics = {
                 **reward_metrics(samples.global_scores, self.reward.objectives),
                 **{key: float(np.nanmean([s.get(key, math.nan) for s in update_stats]))
@@ -350,7 +350,7 @@ class DRAGONPipeline(Pipeline):
                    "D−": len(negative), "pairs": len(demos.pairs)}
         return write_gallery(folder, rows, title="DRAGON demonstrations: D+ and D− of one round", summary=summary)
 
-    def _update(self, trainer: Trainer, trajectory: Trajectory, demos: Demonstrations, epoch: int,
+    def update(self, trainer: Trainer, trajectory: Trajectory, demos: Demonstrations, epoch: int,
                 update: int) -> dict[str, float]:
         """One optimiser update on this round's demonstrations; the items (pairs or samples) are dealt
         round-robin to the processes, each process running the same number of micro-batches."""

@@ -1,7 +1,7 @@
 """Engine benchmarks, each reported as a ratio against a baseline measured in the same run.
 
     python scripts/bench.py                 # all benchmarks, markdown table on stdout
-    python scripts/bench.py --only memory   # one of: sampling, masked, ddpo, prdp, memory, attention, shapes, tones
+    python scripts/bench.py --only memory   # one of: sampling, masked, ddpo, prdp, memory, attention, shapes, tones, dragon
     python scripts/bench.py --out docs/bench.json
 
 Benchmarks:
@@ -21,6 +21,9 @@ Benchmarks:
 - tones: the committed tones-world text-to-audio model (genalign/worlds/assets/tones/t2a; 2 s clips, Griffin-Lim
   vocoder) at the fine-tuning configs' settings (32 clips, 10 DDIM steps, CFG 3, eta 1): our sampler with per-step
   log-probs vs diffusers' AudioLDMPipeline, plus clips/s and the vocoder's share of the time.
+- dragon: one DRAGON round on the tones world with a dataset-FAD reward (generation, embedding, set construction,
+  DPO updates) against its generation time, with the embedding share and the cache hits; and the leave-one-out set
+  construction on cached embeddings vs a loop that embeds every subset it scores.
 """
 
 from __future__ import annotations
@@ -177,6 +180,74 @@ def bench_tones(args) -> dict:
         "samples_per_s": len(prompts) / mine,
         "vocoder_share": vocoder_s / mine,
     }
+
+
+def bench_dragon(args) -> list[dict]:
+    """One DRAGON round on the tones world at configs/dragon_tones_dataset_fd.yaml's settings (48 clips, 10 steps,
+    a dataset-FAD reward on CLAP embeddings, leave-one-out credit, 4 DPO updates), phase by phase, each phase's
+    time as a ratio to the round's generation time; and the set construction with the embedding cache vs a plain
+    loop that embeds every subset it scores."""
+    import tempfile
+
+    import genalign.generators.griffin_lim  # noqa: F401
+    from genalign.config import build_config, load_yaml
+    from genalign.engine import gather_in_order, gather_trajectory, total_reward
+    from pipelines.dragon import DRAGONConfig, DRAGONPipeline, leave_one_out_credit
+
+    data = load_yaml(ROOT / "configs" / "dragon_tones_dataset_fd.yaml")
+    out = tempfile.mkdtemp(prefix="bench-dragon-")
+    config = build_config(DRAGONConfig, data, [f"trainer.output_dir={out}", "trainer.progress=false",
+                                               "trainer.checkpoint_every=0", "eval.every=1000"])
+    pipe = DRAGONPipeline(config)
+    trainer, _, _ = pipe.start_training(accumulation_steps=1, total_updates=config.updates_per_epoch,
+                                        keep_reference=True)
+    cache = pipe.reward.embeddings
+    plan = pipe.epoch_plan(trainer, 0, config.prompts_per_epoch, config.samples_per_prompt)
+    tic = time.perf_counter()
+    with trainer.autocast():
+        rollout = pipe.generator.sample(pipe.conditions(plan, plan.local), pipe.demo_options,
+                                        seeds=plan.seeds[plan.local].tolist(), batch_size=config.sampling.batch_size)
+    generation_s = time.perf_counter() - tic
+    cache.clear()
+    tic = time.perf_counter()
+    with torch.no_grad():
+        embeddings = pipe.reward.embed(rollout.outputs)
+    embedding_s = time.perf_counter() - tic
+    samples = pipe.sample_and_score(trainer, plan, pipe.demo_options)  # the engine's own round (cached embeddings)
+    scores = total_reward(samples.global_scores).cpu()
+    outputs = gather_in_order(trainer, samples.rollout.outputs, plan)
+    hits_before = cache.hits
+    tic = time.perf_counter()
+    demos, _ = pipe.demonstrations(samples, outputs, scores)
+    construction_s = time.perf_counter() - tic
+    hits = cache.hits - hits_before
+
+    def embed_every_subset(indices: torch.Tensor) -> float:  # the straightforward loop: no cache, no slicing
+        cache.clear()
+        with torch.no_grad():
+            return float(pipe.reward(outputs[indices]).metadata["set_score"])
+
+    tic = time.perf_counter()
+    leave_one_out_credit(embed_every_subset, len(scores))
+    uncached_s = time.perf_counter() - tic
+    trajectory = gather_trajectory(trainer, samples.rollout.trajectory, plan)
+    tic = time.perf_counter()
+    for k in range(config.updates_per_epoch):
+        pipe.update(trainer, trajectory, demos, 0, k)
+    update_s = time.perf_counter() - tic
+    n = len(scores)
+    round_s = generation_s + embedding_s + construction_s + update_s
+    rows = [
+        {"benchmark": f"DRAGON round, tones: {n} clips, dataset FAD, leave-one-out, {config.updates_per_epoch} DPO "
+                      f"updates of {len(demos.pairs)} pairs", "baseline": "generation of the round's clips",
+         "baseline_s": generation_s, "ours_s": round_s, "ratio": round_s / generation_s,
+         "embedding_share": embedding_s / round_s, "update_share": update_s / round_s,
+         "cache_hits": float(hits), "samples_per_s": n / round_s},
+        {"benchmark": f"DRAGON set construction: leave-one-out over {n} clips ({n + 1} set scores)",
+         "baseline": "embed every subset (no cache)", "baseline_s": uncached_s, "ours_s": construction_s,
+         "ratio": construction_s / uncached_s, "cache_hits": float(hits)},
+    ]
+    return rows
 
 
 def trainable_rollout(args):
@@ -390,7 +461,7 @@ def bench_attention(args) -> dict:
 def markdown(rows: list[dict]) -> str:
     lines = ["| benchmark | baseline | baseline s | ours s | ratio (ours / baseline) | extra |", "|---|---|---|---|---|---|"]
     for r in rows:
-        extra = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k in ("peak_mib", "ddpo_updates_per_s", "samples_per_s", "vocoder_share"))
+        extra = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k in ("peak_mib", "ddpo_updates_per_s", "samples_per_s", "vocoder_share", "embedding_share", "update_share", "cache_hits"))
         fmt = lambda v: "" if v is None else f"{v:.4f}"
         lines.append(f"| {r['benchmark']} | {r['baseline']} | {fmt(r['baseline_s'])} | {fmt(r['ours_s'])} | "
                      f"{r['ratio']:.3f} | {extra} |")
@@ -399,7 +470,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["sampling", "masked", "ddpo", "prdp", "memory", "attention", "shapes", "tones"])
+    parser.add_argument("--only", choices=["sampling", "masked", "ddpo", "prdp", "memory", "attention", "shapes", "tones", "dragon"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -414,7 +485,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     benches = {"sampling": bench_sampling, "masked": bench_masked, "ddpo": bench_ddpo, "prdp": bench_prdp, "memory": bench_memory, "attention": bench_attention,
-               "shapes": bench_shapes, "tones": bench_tones}
+               "shapes": bench_shapes, "tones": bench_tones, "dragon": bench_dragon}
     rows = []
     for name, fn in benches.items():
         if args.only and name != args.only:

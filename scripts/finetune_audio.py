@@ -6,6 +6,11 @@ sets the clips per prompt).
     python scripts/finetune_audio.py --config configs/ddpo_tones.yaml
     python scripts/finetune_audio.py --config configs/prdp_tones.yaml
     python scripts/finetune_audio.py --config configs/draft_tones.yaml epochs=4 trainer.output_dir=runs/try
+    python scripts/finetune_audio.py --config configs/dragon_tones.yaml            # DRAGON; also _aesthetic,
+                                                    # _exemplar_fd, _dataset_fd, _vendi (one per reward kind)
+
+A DRAGON run also writes one round's demonstrations, D+ and D− per prompt with their rewards, to
+<output_dir>/demonstrations/round_0000/index.html.
 """
 
 import sys
