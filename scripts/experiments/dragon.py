@@ -2,7 +2,7 @@
 the base model on held-out prompts, FAD to the held-out exemplar half, CLAP score and gold accuracy; DPO vs KTO and
 paired vs unpaired as an ablation. Results in docs/results/dragon.md.
 
-    python scripts/experiments/dragon.py                          # everything: ~70 min on 2 CPU cores
+    python scripts/experiments/dragon.py                          # everything: ~50 min on a quiet 2-core machine
     python scripts/experiments/dragon.py --only clap --seeds 0    # one run
     python scripts/experiments/dragon.py --report                 # the tables from the saved results
 
