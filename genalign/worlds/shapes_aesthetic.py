@@ -40,7 +40,6 @@ size but little of the composition, and the rule measures what tuning on it miss
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -50,7 +49,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from scipy import stats
 from torch import Tensor
 from transformers import CLIPModel
@@ -71,7 +69,8 @@ from genalign.worlds.shapes import (
     vocabularies,
 )
 from genalign.worlds.shapes_clip import image_embeddings
-from rewards.clip_rewards import CLIP_AESTHETIC_HEAD_FILENAME, AestheticHead
+from genalign.worlds.aesthetic_heads import load_head, save_head
+from rewards.clip_rewards import AestheticHead
 
 RULE_NAME = "shapes_composition"
 RULE_VERSION = 1
@@ -81,7 +80,6 @@ SCORE_MIN, SCORE_MAX = 1.0, 10.0
 LUMA = (0.2126, 0.7152, 0.0722)  # Rec. 709
 HELD_OUT_SCENES = 1000
 
-_CONFIG_FILE = "aesthetic_head.json"
 _MAX_CENTROID_DISTANCE = math.sqrt(2) / 3  # a corner cell's centre
 
 
@@ -207,34 +205,12 @@ def train_aesthetic_head(
 
 
 def save_aesthetic_head(head: AestheticHead, folder: str | os.PathLike) -> Path:
-    """Write ``aesthetic_head.safetensors`` (the LAION head's keys) and ``aesthetic_head.json`` (input width,
-    the rule it was trained on and the world's vocabularies) into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {name: value.detach().cpu().contiguous() for name, value in head.state_dict().items()},
-        str(folder / CLIP_AESTHETIC_HEAD_FILENAME),
-    )
-    config = {
-        "in_features": head.in_features,
-        "rule": {"name": RULE_NAME, "version": RULE_VERSION, "weights": RULE_WEIGHTS},
-        "vocabularies": vocabularies(),
-    }
-    (folder / _CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    return folder
+    """Write the head with this world's rule and vocabularies (see `genalign.worlds.aesthetic_heads.save_head`)."""
+    rule = {"name": RULE_NAME, "version": RULE_VERSION, "weights": RULE_WEIGHTS}
+    return save_head(head, folder, rule, vocabularies())
 
 
 def load_aesthetic_head(folder: str | os.PathLike) -> AestheticHead:
-    """Rebuild a head written by :func:`save_aesthetic_head` (on the CPU, in eval mode)."""
-    folder = Path(folder)
-    config = json.loads((folder / _CONFIG_FILE).read_text())
-    # A head fitted to another rule or world would score confidently and wrongly.
-    rule = config["rule"]
-    if (rule["name"], rule["version"]) != (RULE_NAME, RULE_VERSION) or config["vocabularies"] != vocabularies():
-        raise ValueError(
-            f"aesthetic head in {folder} was trained on rule {rule['name']} v{rule['version']} of a different "
-            f"shapes world; this code scores {RULE_NAME} v{RULE_VERSION}: retrain it with train_aesthetic_head"
-        )
-    head = AestheticHead(config["in_features"])
-    head.load_state_dict(load_file(str(folder / CLIP_AESTHETIC_HEAD_FILENAME)))
-    return head.eval()
+    """Rebuild a head written by :func:`save_aesthetic_head` (on the CPU, in eval mode); a head of another rule
+    or world is a ValueError."""
+    return load_head(folder, RULE_NAME, RULE_VERSION, vocabularies(), "shapes", "train_aesthetic_head")

@@ -35,7 +35,6 @@ so the head also reads generated audio) keep the rating of the clip they were ma
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from scipy import stats
 from torch import Tensor
 
@@ -61,7 +59,8 @@ from genalign.worlds.tones import (
     vocabularies,
 )
 from rewards.audio import ClapScore
-from rewards.clip_rewards import CLIP_AESTHETIC_HEAD_FILENAME, AestheticHead
+from genalign.worlds.aesthetic_heads import load_head, save_head
+from rewards.clip_rewards import AestheticHead
 
 RULE_NAME = "tones_pleasantness"
 RULE_VERSION = 1
@@ -85,7 +84,6 @@ SCORE_MIN, SCORE_MAX = 1.0, 10.0
 CALM_PEAKS = (PEAK["quiet"][0], PEAK["loud"][1])
 HELD_OUT_CLIPS = 1000
 
-_CONFIG_FILE = "aesthetic_head.json"
 _EMBED_BATCH = 256  # clips synthesised and embedded at a time
 
 
@@ -261,35 +259,12 @@ def train_aesthetic_head(
 
 
 def save_aesthetic_head(head: AestheticHead, folder: str | os.PathLike) -> Path:
-    """Write ``aesthetic_head.safetensors`` (the LAION head's keys) and ``aesthetic_head.json`` (input width,
-    the rule it was trained on and the tones world's vocabularies) into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {name: value.detach().cpu().contiguous() for name, value in head.state_dict().items()},
-        str(folder / CLIP_AESTHETIC_HEAD_FILENAME),
-    )
-    config = {
-        "in_features": head.in_features,
-        "rule": {"name": RULE_NAME, "version": RULE_VERSION, "weights": RULE_WEIGHTS, "preferences": PREFERENCES},
-        "vocabularies": vocabularies(),
-    }
-    (folder / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return folder
+    """Write the head with this world's rule and vocabularies (see `genalign.worlds.aesthetic_heads.save_head`)."""
+    rule = {"name": RULE_NAME, "version": RULE_VERSION, "weights": RULE_WEIGHTS, "preferences": PREFERENCES}
+    return save_head(head, folder, rule, vocabularies())
 
 
 def load_aesthetic_head(folder: str | os.PathLike) -> AestheticHead:
-    """Rebuild a head written by :func:`save_aesthetic_head` (on the CPU, in eval mode)."""
-    folder = Path(folder)
-    config = json.loads((folder / _CONFIG_FILE).read_text())
-    # A head fitted to another rule or world would score confidently and wrongly.
-    rule = config["rule"]
-    if (rule["name"], rule["version"]) != (RULE_NAME, RULE_VERSION) or config["vocabularies"] != vocabularies():
-        raise ValueError(
-            f"aesthetic head in {folder} was trained on rule {rule['name']} v{rule['version']} of a different "
-            f"world; this code scores {RULE_NAME} v{RULE_VERSION} of the tones world: retrain it with "
-            f"genalign.worlds.tones_aesthetic.train_aesthetic_head"
-        )
-    head = AestheticHead(config["in_features"])
-    head.load_state_dict(load_file(str(folder / CLIP_AESTHETIC_HEAD_FILENAME)))
-    return head.eval()
+    """Rebuild a head written by :func:`save_aesthetic_head` (on the CPU, in eval mode); a head of another rule
+    or world is a ValueError."""
+    return load_head(folder, RULE_NAME, RULE_VERSION, vocabularies(), "tones", "genalign.worlds.tones_aesthetic.train_aesthetic_head")
