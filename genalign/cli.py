@@ -103,22 +103,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gold_label(verdict: dict[str, float]) -> str:
-    """One sample's gold verdict as text: for a verdict of correct/incorrect attributes (one with "all_correct"),
-    "correct" or the attributes it got wrong; otherwise every gold score (e.g. activity, recovery)."""
-    if "all_correct" not in verdict:
-        return ", ".join(f"{name} {value:.3g}" for name, value in verdict.items())
-    if verdict["all_correct"] == 1.0:
-        return "correct"
-    wrong = [name for name, value in verdict.items() if name != "all_correct" and value < 1.0]
-    return "wrong: " + (", ".join(wrong) if wrong else "extra shapes")
-
-
 def cmd_gallery(args: argparse.Namespace) -> int:
     from genalign.engine import build_gold, build_reward, total_reward
     from genalign.gallery import PromptRow, write_gallery
     from genalign.generators.base import Rollout
-    from genalign.writers import gallery_samples, sample_figures
+    from genalign.writers import gallery_samples, gold_label, sample_figures
 
     run = Path(args.run)
     base, config = load_run_generator(run, trained=False)
@@ -137,7 +126,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
         scores = total_reward(reward(rollout.outputs, rollout.texts).rewards).cpu()
         verdicts = {k: v.cpu() for k, v in gold(rollout.outputs, rollout.texts).items()} if gold else {}
         labels = [
-            {"seed": str(seed), **({"gold": _gold_label({k: float(v[i]) for k, v in verdicts.items()})} if gold else {})}
+            {"seed": str(seed), **({"gold": gold_label({k: float(v[i]) for k, v in verdicts.items()})} if gold else {})}
             for i, seed in enumerate(seeds)
         ]
         results[name] = (gallery_samples(rollout, generator, scores.tolist(), labels), scores, verdicts, rollout)

@@ -63,8 +63,9 @@ class RewardConfig:
 class SamplingConfig:
     """Sampler settings. `num_inference_steps`, `log_prob_reduction` ("sum" = the true density, or "mean" over
     the state's elements) and `batch_size` apply to every family; the rest to one family each, and None means
-    that family's default: guidance_scale, eta, negative_prompt (diffusion and audio), height, width (diffusion),
-    audio_length_in_s (audio), temperature, length (masked). Setting one that the model's family does not have
+    that family's default: guidance_scale, eta, negative_prompt and expansion_guidance_scale (diffusion and audio;
+    w2 of Parrot's original-prompt-centred guidance), height, width (diffusion), audio_length_in_s (audio),
+    temperature, length (masked). Setting one that the model's family does not have
     is an error."""
 
     num_inference_steps: PositiveInt = 10
@@ -78,6 +79,7 @@ class SamplingConfig:
     temperature: float | None = None
     length: PositiveInt | None = None
     audio_length_in_s: float | None = None
+    expansion_guidance_scale: float | None = None
 
     def options(self, generator: Generator) -> Any:
         """The generator's own sampling options with these settings."""
@@ -351,9 +353,13 @@ def evaluate(
     batch_size: int,
     trainer: Trainer | None = None,
     gold=None,
+    conditions: Callable[[list[str], list[int]], Conditions] | None = None,
 ) -> dict[str, float]:
     """Mean/std reward of fixed-seed samples on held-out prompts, plus ``eval_gold_<name>`` means of the gold
     evaluator's per-sample verdicts when one is given.
+
+    `conditions(prompts, seeds)` turns a shard's prompts into what the generator samples from (e.g. the prompts
+    with their expansions); the reward and gold judge always score against the prompts themselves.
 
     With a `trainer` of several processes the samples are sharded round-robin (shards may be uneven, or
     empty) and gathered; every process gets the same numbers.
@@ -367,12 +373,13 @@ def evaluate(
     def score_shard() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not mine:
             return torch.zeros((0, *width), device=generator.device), {}
+        prompts, prompt_seeds = [all_prompts[i] for i in mine], [seeds[i] for i in mine]
         rollout = generator.sample(
-            [all_prompts[i] for i in mine], options, seeds=[seeds[i] for i in mine], batch_size=batch_size,
-            return_trajectory=False,
+            prompts if conditions is None else conditions(prompts, prompt_seeds), options, seeds=prompt_seeds,
+            batch_size=batch_size, return_trajectory=False,
         )
-        values = reward(rollout.outputs, rollout.texts).rewards.float()
-        verdicts = {} if gold is None else {k: v.float() for k, v in gold(rollout.outputs, rollout.texts).items()}
+        values = reward(rollout.outputs, prompts).rewards.float()
+        verdicts = {} if gold is None else {k: v.float() for k, v in gold(rollout.outputs, prompts).items()}
         return values, verdicts
 
     if trainer is None:
@@ -492,16 +499,20 @@ class Pipeline:
         """The conditions of the given global samples of `plan`."""
         return Conditions.coerce([self.prompts[plan.prompt_index[i]] for i in global_indices])
 
-    def sample_and_score(self, trainer: Trainer, plan: EpochPlan, options: Any = None) -> EpochSamples:
+    def sample_and_score(self, trainer: Trainer, plan: EpochPlan, options: Any = None,
+                         conditions: Conditions | None = None) -> EpochSamples:
         """Sample this process's share of the epoch (with log-probs, under the training autocast so that recorded
         and re-evaluated log-probs agree), score it, and gather every process's rewards in global order.
-        `options` overrides the run's sampling options (e.g. fewer steps for demonstrations)."""
+        `options` overrides the run's sampling options (e.g. fewer steps for demonstrations); `conditions` (one per
+        local sample) what the generator is conditioned on (e.g. prompt expansions). The reward always scores
+        against the plan's own prompts, the ones the user asked for."""
+        prompts = self.conditions(plan, plan.local)
         with trainer.autocast():
             rollout = self.generator.sample(
-                self.conditions(plan, plan.local), options or self.options, seeds=plan.seeds[plan.local].tolist(),
+                conditions or prompts, options or self.options, seeds=plan.seeds[plan.local].tolist(),
                 batch_size=self.config.sampling.batch_size,
             )
-        scores = on_every_process(trainer, lambda: self.reward(rollout.outputs, rollout.texts).rewards.float())
+        scores = on_every_process(trainer, lambda: self.reward(rollout.outputs, prompts.texts).rewards.float())
         return EpochSamples(plan, rollout, gather_in_order(trainer, scores, plan))
 
     def finish_epoch(self, trainer: Trainer, epoch: int, metrics: dict[str, float], state: dict[str, Any],

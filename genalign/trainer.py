@@ -75,6 +75,9 @@ class TrainerConfig:
     lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: NonNegativeInt = 0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # Under full fine-tuning (lora.enabled=false), train only the parameters whose names contain one of these
+    # substrings (e.g. ["attn2"]: a diffusers UNet's cross-attention, what Parrot trains); empty = all of them.
+    finetune_only: list[str] = field(default_factory=list)
     ema: bool = False
     ema_decay: Annotated[float, AtLeast(0)] = 0.999
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -218,9 +221,11 @@ class Trainer:
         }
         self.parameters = list(self.named_parameters.values())
         if not self.parameters:
+            setting = (f"trainer.lora.target_modules={list(config.lora.target_modules)}" if config.lora.enabled
+                       else f"trainer.finetune_only={list(config.finetune_only)}")
             raise ConfigError(
-                f"no trainable parameters: trainer.lora.target_modules={list(config.lora.target_modules)} matches "
-                f"no submodule of {sorted(modules)}; name modules of the model (e.g. its attention projections)"
+                f"no trainable parameters: {setting} matches no parameter of {sorted(modules)}; name parts of the "
+                "model (e.g. its attention projections, or 'attn2' for a diffusers UNet's cross-attention)"
             )
         self.extra_parameters = {
             f"extra.{group_name}.{name}": p
@@ -665,10 +670,17 @@ def prepare_trainable_modules(generator, config: TrainerConfig) -> dict[str, tor
     unfrozen for full fine-tuning), gradient checkpointing if asked, and eval mode — sampling and re-evaluation
     must compute the same function, so dropout-style train-mode behaviour stays off."""
     modules = generator.trainable_modules()
+    if config.lora.enabled and config.finetune_only:
+        raise ConfigError("trainer.finetune_only selects parameters for full fine-tuning; with LoRA choose the "
+                          "layers by trainer.lora.target_modules instead (or set trainer.lora.enabled=false)")
     for name, module in modules.items():
         module.requires_grad_(False)
         if config.lora.enabled:
             add_lora(module, config.lora)
+        elif config.finetune_only:
+            for parameter_name, parameter in module.named_parameters():
+                if any(part in parameter_name for part in config.finetune_only):
+                    parameter.requires_grad_(True)
         else:
             module.requires_grad_(True)
         if config.gradient_checkpointing:

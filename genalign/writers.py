@@ -118,3 +118,14 @@ def sample_figures(rollouts: dict[str, Rollout], generator: Generator) -> list[t
         figures.append((f"sequence logo, {side} ({len(texts)} samples)",
                         sequence_logo(texts, alphabet, title=f"{side}: {len(texts)} samples")))
     return figures
+
+
+def gold_label(verdict: dict[str, float]) -> str:
+    """One sample's gold verdict as text: for a verdict of correct/incorrect attributes (one with "all_correct"),
+    "correct" or the attributes it got wrong; otherwise every gold score (e.g. activity, recovery)."""
+    if "all_correct" not in verdict:
+        return ", ".join(f"{name} {value:.3g}" for name, value in verdict.items())
+    if verdict["all_correct"] == 1.0:
+        return "correct"
+    wrong = [name for name, value in verdict.items() if name != "all_correct" and value < 1.0]
+    return "wrong: " + (", ".join(wrong) if wrong else "extra shapes")

@@ -62,6 +62,7 @@ class AudioSamplingOptions:
     log_prob_reduction: LogProbReduction = "sum"
     negative_prompt: str = ""
     audio_length_in_s: float | None = None
+    expansion_guidance_scale: float = 0.0
 
 
 @dataclass

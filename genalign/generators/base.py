@@ -49,14 +49,23 @@ class Conditions:
         tensors: name → [B, ...] tensors (control images, preference vectors, backbone features, …).
         ids: B stable keys, for per-condition statistics (e.g. DDPO's per-prompt reward buffers); by default
             the text, extended by a digest of the sample's tensors when there are any.
+        expanded_texts: B detailed rewrites of the texts (a prompt-expansion network's output), or None. A
+            generator with original-prompt-centred guidance (Parrot) conditions on both the text c and its
+            expansion ĉ; the text stays the condition that rewards, keys and galleries refer to.
     """
 
     texts: list[str]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     ids: list[str] | None = None
+    expanded_texts: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.texts = list(self.texts)
+        if self.expanded_texts is not None:
+            self.expanded_texts = list(self.expanded_texts)
+            if len(self.expanded_texts) != len(self.texts):
+                raise ValueError(f"{len(self.expanded_texts)} expanded texts for {len(self.texts)} conditions; "
+                                 "pass one expansion per condition")
         for name, tensor in self.tensors.items():
             if tensor.shape[0] != len(self.texts):
                 raise ValueError(
@@ -103,6 +112,7 @@ class Conditions:
             texts=[self.texts[i] for i in rows],
             tensors={name: t[torch.as_tensor(rows, dtype=torch.long, device=t.device)] for name, t in self.tensors.items()},
             ids=None if self.ids is None else [self.ids[i] for i in rows],
+            expanded_texts=None if self.expanded_texts is None else [self.expanded_texts[i] for i in rows],
         )
 
     @staticmethod
@@ -112,6 +122,8 @@ class Conditions:
             texts=[t for item in items for t in item.texts],
             tensors={name: torch.cat([item.tensors[name] for item in items]) for name in first.tensors},
             ids=None if first.ids is None else [i for item in items for i in item.ids],
+            expanded_texts=None if first.expanded_texts is None
+            else [t for item in items for t in item.expanded_texts],
         )
 
 

@@ -103,7 +103,11 @@ class PromptEmbeds:
 @dataclass
 class SamplingOptions:
     """How to sample: steps, CFG, stochasticity and log-prob convention ("sum" over latent elements, the true
-    density, or their "mean")."""
+    density, or their "mean").
+
+    `expansion_guidance_scale` is w2 of Parrot's original-prompt-centred guidance, used when the conditions
+    carry `expanded_texts` ĉ: ε̄ = w1·ε(c) + (1 − w1 − w2)·ε(∅) + w2·ε(ĉ) with w1 = `guidance_scale` (Parrot:
+    w1 = w2 = 5); with w2 = 0 it is ordinary CFG on c."""
 
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
@@ -112,6 +116,7 @@ class SamplingOptions:
     height: int | None = None
     width: int | None = None
     negative_prompt: str = ""
+    expansion_guidance_scale: float = 0.0
 
 
 @dataclass
@@ -421,28 +426,43 @@ class DiffusionGenerator:
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
-        cond: PromptEmbeds,
+        cond: PromptEmbeds | None,
         uncond: PromptEmbeds | None,
         guidance_scale: float,
+        expanded: PromptEmbeds | None = None,
+        expansion_scale: float = 0.0,
     ) -> torch.Tensor:
-        """Guided denoiser output ε̂ = ε(x, t, ∅) + w·(ε(x, t, c) − ε(x, t, ∅)).
+        """Guided denoiser output ε̂ = ε(∅) + w1·(ε(c) − ε(∅)) + w2·(ε(ĉ) − ε(∅)), in one batched call.
+
+        That is Parrot's w1·ε(c) + (1 − w1 − w2)·ε(∅) + w2·ε(ĉ) written so that without an expansion (or with
+        w2 = 0) it is ordinary CFG ε(∅) + w1·(ε(c) − ε(∅)) to the bit. A branch that is None is left out: no
+        `uncond` means no guidance (the one conditional branch is returned).
 
         Args:
             latents: [B, C, h, w]; timesteps: [B] (samples may be at different timesteps).
+            cond, uncond, expanded: text c, the negative/empty text ∅, the expansion ĉ ([B, L, D] embeddings).
+            guidance_scale: w1; expansion_scale: w2.
         Returns:
             [B, C, h, w] in the denoiser's output dtype.
         """
-        if uncond is not None:
-            model_in = torch.cat([latents, latents])
-            t = torch.cat([timesteps, timesteps])
-            text = PromptEmbeds.cat([uncond, cond])
-        else:
-            model_in, t, text = latents, timesteps, cond
-        out = self._call_denoiser(model_in, t, text)
-        if uncond is None:
-            return out
-        out_uncond, out_cond = out.chunk(2)
-        return out_uncond + guidance_scale * (out_cond - out_uncond)
+        branches = [(name, text) for name, text in (("uncond", uncond), ("cond", cond), ("expanded", expanded))
+                    if text is not None]
+        if not branches:
+            raise ValueError("predict needs at least one of cond, uncond and expanded")
+        if len(branches) == 1:
+            return self._call_denoiser(latents, timesteps, branches[0][1])
+        n = len(branches)
+        out = self._call_denoiser(torch.cat([latents] * n), torch.cat([timesteps] * n),
+                                  PromptEmbeds.cat([text for _, text in branches]))
+        outs = dict(zip((name for name, _ in branches), out.chunk(n)))
+        if "uncond" not in outs:
+            raise ValueError("guidance with two conditional branches needs the unconditional one (uncond)")
+        guided = outs["uncond"]
+        if "cond" in outs:
+            guided = guided + guidance_scale * (outs["cond"] - outs["uncond"])
+        if "expanded" in outs:
+            guided = guided + expansion_scale * (outs["expanded"] - outs["uncond"])
+        return guided
 
     def denoising_error(self, trajectory: Trajectory, seeds: Sequence[int]) -> torch.Tensor:
         """The denoiser's training error on each trajectory's final sample, at a timestep and noise drawn from the
@@ -531,16 +551,31 @@ class DiffusionGenerator:
 
     # ------------------------------------------------------------------ sampling
     def _prepare(
-        self, prompts: Sequence[str], options: SamplingOptions
-    ) -> tuple[int, int, PromptEmbeds, PromptEmbeds | None, StepSchedule]:
+        self, conditions: Conditions, options: SamplingOptions
+    ) -> tuple[int, int, PromptEmbeds, PromptEmbeds | None, PromptEmbeds | None, StepSchedule]:
+        """(height, width, embeddings of c, of ∅ (None without guidance), of the expansions ĉ (None without
+        original-prompt-centred guidance), the step schedule)."""
+        prompts = conditions.texts
         if len(prompts) == 0:
             raise ValueError("no prompts to sample from; pass at least one prompt")
+        w2 = getattr(options, "expansion_guidance_scale", 0.0)
+        if conditions.expanded_texts is None and w2 != 0:
+            raise ValueError(f"expansion_guidance_scale={w2:g} guides toward prompt expansions, but the conditions "
+                             "have none; pass Conditions(texts=prompts, expanded_texts=expansions) (e.g. from a "
+                             "PromptExpansionNetwork) or set expansion_guidance_scale=0")
+        if conditions.expanded_texts is not None and w2 == 0:
+            raise ValueError("the conditions carry expanded_texts but expansion_guidance_scale is 0, so they would be "
+                             "ignored; set expansion_guidance_scale (Parrot: 5) for original-prompt-centred guidance, "
+                             "or pass the expansions as the texts to condition on them alone")
         height, width = self.output_size(options)
         cond = self.encode_prompts(prompts, height, width)
-        uncond = None
-        if options.guidance_scale > 1.0:
+        uncond = expanded = None
+        if w2 != 0:
+            expanded = self.encode_prompts(conditions.expanded_texts, height, width)
             uncond = self.negative_embeds(len(prompts), height, width, options.negative_prompt)
-        return height, width, cond, uncond, self.schedule(options)
+        elif options.guidance_scale > 1.0:
+            uncond = self.negative_embeds(len(prompts), height, width, options.negative_prompt)
+        return height, width, cond, uncond, expanded, self.schedule(options)
 
     def output_size(self, options: SamplingOptions) -> tuple[int, int]:
         """(height, width) in pixels of what these options sample (the VAE's input size)."""
@@ -603,7 +638,8 @@ class DiffusionGenerator:
             ])
 
         prompts = conditions.texts
-        height, width, cond, uncond, schedule = self._prepare(prompts, options)
+        height, width, cond, uncond, expanded, schedule = self._prepare(conditions, options)
+        w2 = getattr(options, "expansion_guidance_scale", 0.0)
         latents = self.initial_noise(len(prompts), height, width, generator)
         states, log_probs = [latents], []
         steps = range(schedule.num_steps)
@@ -614,7 +650,7 @@ class DiffusionGenerator:
         for i in steps:
             step_index = torch.full((len(prompts),), i, dtype=torch.long)
             t = schedule.timesteps[i].to(self.device).expand(len(prompts))
-            model_output = self.predict(latents, t, cond, uncond, options.guidance_scale)
+            model_output = self.predict(latents, t, cond, uncond, options.guidance_scale, expanded, w2)
             mean, std = step_mean(schedule, model_output, latents, step_index)
             next_latents = mean
             if schedule.std[i] > 0:
@@ -635,6 +671,8 @@ class DiffusionGenerator:
             conditioning = cond.as_conditioning()
             if uncond is not None:
                 conditioning.update(uncond.as_conditioning("uncond_"))
+            if expanded is not None:
+                conditioning.update(expanded.as_conditioning("expanded_"))
             trajectory = Trajectory(
                 states=torch.stack(states, dim=1),
                 log_probs=torch.stack(log_probs, dim=1),
@@ -691,7 +729,9 @@ class DiffusionGenerator:
         conditioning = {name: v.to(self.device) for name, v in trajectory.conditioning.items()}
         cond = PromptEmbeds.from_conditioning(conditioning)
         uncond = PromptEmbeds.from_conditioning(conditioning, "uncond_")
-        model_output = self.predict(x_t, t, cond, uncond, options.guidance_scale)
+        expanded = PromptEmbeds.from_conditioning(conditioning, "expanded_")
+        model_output = self.predict(x_t, t, cond, uncond, options.guidance_scale, expanded,
+                                    getattr(options, "expansion_guidance_scale", 0.0))
         mean, std = step_mean(schedule, model_output, x_t, idx)
         log_prob = gaussian_log_prob(x_next, mean, std, options.log_prob_reduction)
         return (log_prob, mean, std) if return_mean else log_prob
@@ -731,7 +771,8 @@ class DiffusionGenerator:
         if seeds is not None:
             generator = per_sample_generators(seeds, len(conditions))
         prompts = conditions.texts
-        height, width, cond, uncond, schedule = self._prepare(prompts, options)
+        height, width, cond, uncond, expanded, schedule = self._prepare(conditions, options)
+        w2 = getattr(options, "expansion_guidance_scale", 0.0)
         T = schedule.num_steps
         if not 1 <= grad_steps <= T:
             raise ValueError(f"grad_steps must be between 1 and num_inference_steps={T}, got {grad_steps}")
@@ -740,7 +781,7 @@ class DiffusionGenerator:
 
         def one_step(x: torch.Tensor, i: int, noise: torch.Tensor | None) -> torch.Tensor:
             t = schedule.timesteps[i].to(self.device).expand(x.shape[0])
-            out = self.predict(x, t, cond, uncond, options.guidance_scale)
+            out = self.predict(x, t, cond, uncond, options.guidance_scale, expanded, w2)
             mean, std = step_mean(schedule, out, x, torch.full((x.shape[0],), i, dtype=torch.long))
             return mean if noise is None else mean + std * noise.to(mean.dtype)
 
@@ -757,6 +798,9 @@ class DiffusionGenerator:
                 latents = one_step(latents, i, noise)
 
         if lv_rounds > 0:
+            if expanded is not None:
+                raise ValueError("DRaFT-LV (lv_rounds > 0) does not support original-prompt-centred guidance; "
+                                 "sample with expansion_guidance_scale=0")
             latents = self._lv_denoise(latents.detach(), schedule, cond, uncond, options, lv_rounds, generator)
             conditions = Conditions.cat([conditions] * lv_rounds)
         def decode(x: torch.Tensor) -> torch.Tensor:
