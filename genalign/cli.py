@@ -11,12 +11,14 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from genalign.config import ConfigError, build_config, load_yaml
+from genalign.generators.base import Conditions
 
 
 def load_run_config(run_dir: str | Path):
@@ -90,17 +92,48 @@ def cmd_sample(args: argparse.Namespace) -> int:
     reward = build_reward(config.reward)
     batch = [p for p in prompts for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(batch))]
-    rollout = generator.sample(batch, config.sampling.options(generator), seeds=seeds,
-                               batch_size=config.sampling.batch_size, return_trajectory=False)
+    options = config.sampling.options(generator)
+    if args.expansion_guidance is not None:
+        options = replace(options, expansion_guidance_scale=args.expansion_guidance)
+    conditions = Conditions.coerce(batch)
+    expander = _run_expander(args, config, len(reward.objectives))
+    if expander is not None:
+        pen, reward_tokens = expander
+        if not getattr(options, "expansion_guidance_scale", 0.0):
+            raise ConfigError("sampling with a prompt-expansion network needs original-prompt-centred guidance: pass "
+                              "--expansion-guidance W2 (Parrot uses 5)")
+        expansion = pen.to(_device()).expand(batch, [reward_tokens] * len(batch), seeds=seeds,
+                                             batch_size=config.sampling.batch_size)
+        conditions = Conditions(texts=batch, expanded_texts=expansion.texts)
+    rollout = generator.sample(conditions, options, seeds=seeds, batch_size=config.sampling.batch_size,
+                               return_trajectory=False)
     scores = reward(rollout.outputs, rollout.texts).rewards
     gold = build_gold(config.eval.gold)
     verdicts = {k: v.cpu() for k, v in gold(rollout.outputs, rollout.texts).items()} if gold else {}
     records = [{"prompt": prompt, "seed": seed, config.reward.name: scores[i].tolist(),
+                **({"expansion": conditions.expanded_texts[i]} if conditions.expanded_texts else {}),
                 **{f"gold_{k}": float(v[i]) for k, v in verdicts.items()}}
                for i, (prompt, seed) in enumerate(zip(batch, seeds))]
     write_samples(rollout, generator, Path(args.out), records)
     print(f"wrote {len(batch)} {rollout.modality} samples to {args.out}")
     return 0
+
+
+def _run_expander(args: argparse.Namespace, config, num_rewards: int):
+    """(prompt-expansion network, the reward identifiers to prepend) for `genalign sample`, or None: the one
+    `--pen` names (all its identifiers), else a Parrot run's own PEN with the checkpoint's weights."""
+    if args.pen:
+        from genalign.generators.prompt_expansion import PromptExpansionNetwork
+
+        pen = PromptExpansionNetwork.from_pretrained(args.pen)
+        return pen, tuple(range(1, pen.num_reward_tokens + 1))
+    if config.pipeline != "parrot" or not config.pen.pretrained:
+        return None
+    from genalign.trainer import resolve_checkpoint
+    from pipelines.parrot import load_trained_expander
+
+    checkpoint = None if args.base else resolve_checkpoint(args.checkpoint, Path(args.run))
+    return load_trained_expander(config, checkpoint, num_rewards), tuple(range(1, num_rewards + 1))
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
@@ -186,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--base", action="store_true", help="sample the base model instead")
     sample.add_argument("--raw-weights", action="store_true",
                         help="with a run trained with EMA: the raw trained weights instead of the EMA ones")
+    sample.add_argument("--pen", help="a prompt-expansion network folder whose expansions guide sampling (default: "
+                                      "a Parrot run's own PEN)")
+    sample.add_argument("--expansion-guidance", type=float, default=None, metavar="W2",
+                        help="w2 of original-prompt-centred guidance, w1·ε(c) + (1−w1−w2)·ε(∅) + w2·ε(ĉ) with "
+                             "w1 = the run's guidance_scale (default: the run's sampling.expansion_guidance_scale)")
     sample.set_defaults(func=cmd_sample)
 
     gallery = sub.add_parser("gallery", help="write an HTML page of before/after samples and reward curves")

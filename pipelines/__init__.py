@@ -12,6 +12,7 @@ PIPELINES: dict[str, str] = {
     "draft": "pipelines.draft:DRaFTPipeline",
     "dragon": "pipelines.dragon:DRAGONPipeline",
     "drakes": "pipelines.drakes:DRAKESPipeline",
+    "parrot": "pipelines.parrot:ParrotPipeline",
     "prdp": "pipelines.prdp:PRDPPipeline",
 }
 

@@ -153,3 +153,52 @@ def test_training_is_seeded_and_leaves_global_rng_alone():
     assert {k: v for k, v in metrics_a.items() if k != "train_seconds"} == {
         k: v for k, v in metrics_b.items() if k != "train_seconds"
     }
+
+
+def test_short_prompts_judge_only_what_they_specify(trained, held_out):
+    from genalign.worlds.shapes import caption
+    from genalign.worlds.shapes_expansion import short_caption
+    from genalign.worlds.shapes_judge import judge_images, scenes_from_prompts
+
+    model, _ = trained
+    rng = np.random.default_rng(7)
+    scenes = sample_scenes(200, rng=rng, max_shapes=1)  # random sizes and backgrounds
+    images = render(scenes, size=32).images
+    short = [short_caption(scene.shapes[0], rng) for scene in scenes]
+    asked = scenes_from_prompts(short)
+    assert all(s.background is None and s.shapes[0].size is None for s in asked)
+    targets = scene_targets(asked)
+    assert (targets["background"] == IGNORE_INDEX).all() and (targets["size"] == IGNORE_INDEX).all()
+
+    verdict = judge_images(model, images, asked)
+    assert verdict["all_correct"].mean() > 0.9 and verdict["colour"].mean() > 0.97
+    # Unspecified attributes are not judged, so they never fail.
+    assert torch.equal(verdict["size"], torch.ones(200)) and torch.equal(verdict["background"], torch.ones(200))
+
+    # A wrong size fails the full caption but not the short prompt.
+    def resize(scene: Scene) -> Scene:
+        spec = scene.shapes[0]
+        flipped = dataclasses.replace(spec, size="small" if spec.size == "large" else "large")
+        return Scene((flipped,), scene.background)
+
+    resized = render([resize(s) for s in scenes], size=32).images
+    full = [caption(scene, rng=rng) for scene in scenes]
+    assert judge_images(model, resized, scenes_from_prompts(full))["all_correct"].mean() < 0.05
+    assert judge_images(model, resized, asked)["all_correct"].mean() > 0.9
+
+    # Another colour in the short prompt fails it.
+    def recolour(scene: Scene) -> Scene:
+        spec = scene.shapes[0]
+        options = [c for c in COLOURS if c not in (spec.colour, scene.background)]
+        return Scene((dataclasses.replace(spec, colour=options[0]),), scene.background)
+
+    wrong = [short_caption(recolour(scene).shapes[0], rng) for scene in scenes]
+    miscoloured = judge_images(model, images, scenes_from_prompts(wrong))
+    assert miscoloured["all_correct"].mean() < 0.05 and miscoloured["colour"].mean() < 0.05
+
+    # An extra shape in a cell the short prompt leaves empty fails it.
+    scene = Scene((ShapeSpec("square", "red", "large", "centre"),), "black")
+    extra = Scene((*scene.shapes, ShapeSpec("circle", "green", "small", "top left")), "black")
+    asked_twice = scenes_from_prompts(["red square, centre"] * 2)
+    result = judge_images(model, render([scene, extra], size=32).images, asked_twice)
+    assert result["all_correct"].tolist() == [1.0, 0.0]

@@ -184,6 +184,9 @@ def test_committed_world_is_the_full_recipe_and_beats_chance():
         accuracy, chance = report[f"gold_{attribute}"], report[f"chance_{attribute}"]
         assert (accuracy - chance) / (1 - chance) > 0.2, attribute  # a fifth of the way from chance to perfect
     assert report["gold_all_correct"] < 0.9  # room left for fine-tuning
+    pen = world["stages"]["pen"]  # Parrot's prompt-expansion network, on short prompts it never saw
+    assert pen["faithful_sampled_all"] >= 0.9 and pen["faithful_greedy_all"] >= 0.95
+    assert sum(p.stat().st_size for p in (COMMITTED / "pen").rglob("*") if p.is_file()) < 2e6
     # Counted as git stores files (zlib-compressed): the CLIP vocabulary's never-used rows are zeros.
     stored = sum(len(zlib.compress(p.read_bytes())) for p in COMMITTED.rglob("*") if p.is_file())
     assert stored < 30e6, f"committed shapes world takes {stored / 1e6:.1f} MB in git"

@@ -10,6 +10,7 @@ judge      per-cell attribute classifier, the gold judge (no reward uses it)  ``
 aesthetic  aesthetic-style MLP head on the CLIP's image embeddings            ``ClipAesthetic(world/clip, ...)``
 vae        AutoencoderKL, 32x32 <-> 8x8x8 (kept only until t2i is done)       ``AutoencoderKL.from_pretrained``
 t2i        the text-to-image model as a diffusers folder                      ``DiffusionGenerator.from_pretrained``
+pen        prompt-expansion network (Parrot): short prompt -> full caption    ``PromptExpansionNetwork.from_pretrained``
 report     gold accuracy, CLIP score and aesthetic of the T2I model's samples  (numbers in world.json)
 =========  ================================================================  ==================================
 
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import read_partial_world, shapes, write_world_file
 
-STAGES: tuple[str, ...] = ("clip", "judge", "aesthetic", "vae", "t2i", "report")
+STAGES: tuple[str, ...] = ("clip", "judge", "aesthetic", "vae", "t2i", "pen", "report")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ class ShapesRecipe:
     unet_batch: int = 32
     unet_width: int = 48
     unet_lr: float = 1e-3
+    pen_steps: int = 4000
+    pen_batch: int = 32
+    pen_width: int = 64
+    pen_layers: int = 2
+    pen_lr: float = 5e-3
     # The report samples as the demo does: DDIM with eta = 1 (the stochastic policy RL trains), CFG.
     report_prompts: int = 128
     report_steps: int = 10
@@ -72,6 +78,7 @@ RECIPES: dict[str, ShapesRecipe] = {
         aesthetic_steps=3,
         vae_steps=3, vae_batch=4, vae_width=8,
         unet_steps=3, unet_batch=4, unet_width=16,
+        pen_steps=3, pen_batch=8, pen_width=16, pen_layers=1,
         report_prompts=4, report_steps=2,
     ),  # fmt: skip
 }
@@ -186,6 +193,20 @@ def _stage_t2i(recipe: ShapesRecipe, out: Path, world: Path, progress: bool) -> 
     }
 
 
+def _stage_pen(recipe: ShapesRecipe, out: Path, world: Path, progress: bool) -> dict:
+    from .shapes_expansion import evaluate_pen, held_out_short_prompts, train_shapes_pen
+
+    bar = _Bar("pen", recipe.pen_steps, progress)
+    pen, metrics = train_shapes_pen(
+        steps=recipe.pen_steps, batch_size=recipe.pen_batch, width=recipe.pen_width, layers=recipe.pen_layers,
+        lr=recipe.pen_lr, seed=recipe.seed + 5, progress=bar,
+    )
+    bar.close()
+    pen.save_pretrained(out)
+    metrics.update(evaluate_pen(pen, held_out_short_prompts(recipe.seed + 5), seed=recipe.seed + 3000))
+    return metrics
+
+
 def _stage_report(recipe: ShapesRecipe, out: Path, world: Path, progress: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     prompts = shapes_prompts(recipe.report_prompts, seed=recipe.seed + 1000)
@@ -251,6 +272,7 @@ _STAGE_FUNCTIONS: dict[str, Callable[[ShapesRecipe, Path, Path, bool], dict]] = 
     "aesthetic": _stage_aesthetic,
     "vae": _stage_vae,
     "t2i": _stage_t2i,
+    "pen": _stage_pen,
     "report": _stage_report,
 }
 

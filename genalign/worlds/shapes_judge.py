@@ -53,7 +53,8 @@ def scene_targets(scenes: Sequence[Scene]) -> dict[str, Tensor]:
 
     Returns long tensors: ``shape`` [B, 9] (index into CELL_SHAPES, 0 = empty), ``colour`` [B, 9] (index into
     COLOURS) and ``size`` [B, 9] (index into SIZES), both IGNORE_INDEX in empty cells, and ``background`` [B]
-    (index into BACKGROUNDS). Cells are in the order of POSITIONS.
+    (index into BACKGROUNDS). Cells are in the order of POSITIONS. A colour, size or background a scene leaves
+    unspecified (None, as in a short prompt's scene) is IGNORE_INDEX too.
     """
     batch = len(scenes)
     cells = len(POSITIONS)
@@ -67,9 +68,11 @@ def scene_targets(scenes: Sequence[Scene]) -> dict[str, Tensor]:
             if shape[b, cell] != 0:
                 raise ValueError(f"scene {b} has two shapes at {spec.position!r}")
             shape[b, cell] = CELL_SHAPES.index(spec.shape)
-            colour[b, cell] = COLOURS.index(spec.colour)
-            size[b, cell] = SIZES.index(spec.size)
-    background = torch.tensor([BACKGROUNDS.index(s.background) for s in scenes], dtype=torch.long)
+            colour[b, cell] = IGNORE_INDEX if spec.colour is None else COLOURS.index(spec.colour)
+            size[b, cell] = IGNORE_INDEX if spec.size is None else SIZES.index(spec.size)
+    background = torch.tensor(
+        [IGNORE_INDEX if s.background is None else BACKGROUNDS.index(s.background) for s in scenes], dtype=torch.long
+    )
     return {"shape": shape, "colour": colour, "size": size, "background": background}
 
 
@@ -150,16 +153,19 @@ def _loss(logits: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
 
 def _checks(model: AttributeClassifier, images: Tensor, scenes: Sequence[Scene]) -> dict[str, Tensor]:
     """Per-cell bool checks [B, 9] (``shape``, ``colour``, ``size``, ``present``: some shape in the cell,
-    ``occupied``: the scene puts one there) and per-image ``background`` and ``all_correct`` [B]."""
+    ``occupied``: the scene puts one there) and per-image ``background`` and ``all_correct`` [B].
+
+    A colour, size or background the scene leaves unspecified (None) is not judged: it counts as correct."""
     if len(scenes) != len(images):
         raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
     predicted = {name: value.cpu() for name, value in model.predict(images).items()}
     target = scene_targets(scenes)
     occupied = target["shape"] != 0  # [B, 9]
     shape_ok = predicted["shape"] == target["shape"]
-    colour_ok = predicted["colour"] == target["colour"]
-    size_ok = predicted["size"] == target["size"]
-    background_ok = predicted["background"] == target["background"]
+    # Occupied cells whose colour / size is IGNORE_INDEX are the unspecified ones (full captions have none).
+    colour_ok = (predicted["colour"] == target["colour"]) | (occupied & (target["colour"] == IGNORE_INDEX))
+    size_ok = (predicted["size"] == target["size"]) | (occupied & (target["size"] == IGNORE_INDEX))
+    background_ok = (predicted["background"] == target["background"]) | (target["background"] == IGNORE_INDEX)
     # Per cell: an occupied cell must match in all three attributes, an empty one must be predicted empty.
     cell_ok = torch.where(occupied, shape_ok & colour_ok & size_ok, predicted["shape"] == 0)
     return {
@@ -314,15 +320,19 @@ def _vocabularies() -> dict[str, list[str]]:
 
 
 def scenes_from_prompts(prompts: Sequence[str]) -> list[Scene]:
-    """The scenes B prompts ask for; raises ValueError naming the first prompt that is not a shapes-world
-    caption, since such a prompt has no gold answer."""
+    """The scenes B prompts ask for: full captions (:func:`~genalign.worlds.shapes.parse_caption`) or short
+    prompts (:func:`~genalign.worlds.shapes_expansion.parse_short_caption`, size and background None, so not
+    judged); raises ValueError naming the first prompt that is neither, since such a prompt has no gold answer."""
+    from genalign.worlds.shapes_expansion import parse_short_caption
+
     scenes = []
     for prompt in prompts:
-        scene = parse_caption(prompt)
+        scene = parse_caption(prompt) or parse_short_caption(prompt)
         if scene is None:
             raise ValueError(
                 f"prompt {prompt!r} is not a shapes-world caption, so the gold judge cannot check it; use captions "
-                "made by genalign.worlds.shapes.caption (e.g. configs/prompts/shapes_eval.txt)"
+                "made by genalign.worlds.shapes.caption (e.g. configs/prompts/shapes_eval.txt) or short prompts "
+                "made by genalign.worlds.shapes_expansion.short_caption (e.g. configs/prompts/shapes_short_eval.txt)"
             )
         scenes.append(scene)
     return scenes
@@ -330,7 +340,8 @@ def scenes_from_prompts(prompts: Sequence[str]) -> list[Scene]:
 
 class ShapesGold:
     """The shapes world's gold evaluator: ``gold(images, prompts)`` -> per-image verdicts (see
-    :func:`judge_images`), judged against the scenes the prompts ask for.
+    :func:`judge_images`), judged against the scenes the prompts ask for (full captions or short prompts,
+    whose unspecified size and background count as correct; see :func:`scenes_from_prompts`).
 
     Args:
         judge: folder written by :func:`save_judge` (e.g. ``genalign/worlds/assets/shapes/judge``).
