@@ -96,7 +96,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.expansion_guidance is not None:
         options = replace(options, expansion_guidance_scale=args.expansion_guidance)
     conditions = Conditions.coerce(batch)
-    expander = _run_expander(args, config, len(reward.objectives))
+    expander = _run_expander(args, config, reward)
     if expander is not None:
         pen, reward_tokens = expander
         if not getattr(options, "expansion_guidance_scale", 0.0):
@@ -119,7 +119,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_expander(args: argparse.Namespace, config, num_rewards: int):
+def _run_expander(args: argparse.Namespace, config, reward):
     """(prompt-expansion network, the reward identifiers to prepend) for `genalign sample`, or None: the one
     `--pen` names (all its identifiers), else a Parrot run's own PEN with the checkpoint's weights."""
     if args.pen:
@@ -133,6 +133,7 @@ def _run_expander(args: argparse.Namespace, config, num_rewards: int):
     from pipelines.parrot import load_trained_expander
 
     checkpoint = None if args.base else resolve_checkpoint(args.checkpoint, Path(args.run))
+    num_rewards = len(reward.objectives)
     return load_trained_expander(config, checkpoint, num_rewards), tuple(range(1, num_rewards + 1))
 
 

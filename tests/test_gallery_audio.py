@@ -242,7 +242,7 @@ def test_genalign_sample_writes_wavs(tmp_path, monkeypatch):
     from genalign import cli, engine
 
     config = SimpleNamespace(
-        sampling=SimpleNamespace(options=lambda generator: None, batch_size=2),
+        pipeline="ddpo", sampling=SimpleNamespace(options=lambda generator: None, batch_size=2),
         reward=SimpleNamespace(name="loudness"), eval=SimpleNamespace(gold=None),
     )
     monkeypatch.setattr(cli, "load_run_generator", lambda *args, **kwargs: (_ToneGenerator(), config))

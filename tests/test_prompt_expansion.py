@@ -220,6 +220,10 @@ def test_log_prob_equals_sampled_log_probs_and_a_hand_computation(pen):
 
 
 def test_reinforce_gradient_matches_a_per_prefix_loop(pen):
+    # In float64 the batched, left-padded, cached path and the unpadded loop agree to rounding; in float32 their
+    # different summation orders differ by ~1e-5 relative on near-zero bias gradients, which would hide nothing
+    # but make the comparison flaky across CPUs.
+    pen.to(dtype=torch.float64)
     expansion = pen.expand(PROMPTS[:3], REWARDS[:3], seeds=[5, 6, 7])
     weights = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
     params = pen.trainable_parameters()
@@ -239,7 +243,7 @@ def test_reinforce_gradient_matches_a_per_prefix_loop(pen):
     assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
     for name, got, want in zip(params, grads, expected):
         want = torch.zeros_like(got) if want is None else want
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
     assert sum(g.abs().sum() for g in grads) > 0
 
 

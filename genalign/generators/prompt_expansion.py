@@ -348,7 +348,8 @@ class PromptExpansionNetwork:
         """log softmax(logits / temperature) at ``token_ids`` given each prefix, in one full forward pass.
 
         prefixes: B token lists; token_ids long [B, L] and mask bool [B, L] (True on real tokens, which come
-        first in each row). Returns float32 [B, L] with 0 where mask is False, differentiable.
+        first in each row). Returns [B, L] in float32 or the model's wider dtype, 0 where mask is False,
+        differentiable.
         """
         device = self.device
         prefix_ids, prefix_mask = self._left_pad(prefixes, self._pad_id)
@@ -361,7 +362,8 @@ class PromptExpansionNetwork:
             input_ids=ids, attention_mask=attention.long(), position_ids=positions, use_cache=False
         ).logits
         # Position width - 1 + j predicts continuation token j.
-        logits = logits[:, width - 1 : width - 1 + length].float() / temperature
+        logits = logits[:, width - 1 : width - 1 + length]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
         picked = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, width:, None]).squeeze(-1)
         return torch.where(mask.to(device), picked, torch.zeros_like(picked))
 
@@ -432,7 +434,9 @@ class PromptExpansionNetwork:
                 **{cache_name: past},
             )
             past = getattr(out, cache_name)
-            scores = torch.log_softmax(out.logits[:, -1].float() / self.temperature, dim=-1).cpu()  # [B, V]
+            last = out.logits[:, -1]
+            last = last.to(torch.promote_types(last.dtype, torch.float32))
+            scores = torch.log_softmax(last / self.temperature, dim=-1).cpu()  # [B, V]
             if greedy:
                 choice = scores.argmax(dim=-1)
             else:
