@@ -1,7 +1,7 @@
 """Engine benchmarks, each reported as a ratio against a baseline measured in the same run.
 
     python scripts/bench.py                 # all benchmarks, markdown table on stdout
-    python scripts/bench.py --only memory   # one of: sampling, masked, ddpo, prdp, memory, attention, shapes, tones, dragon
+    python scripts/bench.py --only memory   # one of: sampling, masked, ddpo, prdp, memory, attention, shapes, tones, dragon, parrot
     python scripts/bench.py --out docs/bench.json
 
 Benchmarks:
@@ -21,6 +21,10 @@ Benchmarks:
 - tones: the committed tones-world text-to-audio model (genalign/worlds/assets/tones/t2a; 2 s clips, Griffin-Lim
   vocoder) at the fine-tuning configs' settings (32 clips, 10 DDIM steps, CFG 3, eta 1): our sampler with per-step
   log-probs vs diffusers' AudioLDMPipeline, plus clips/s and the vocoder's share of the time.
+- parrot: on the committed shapes-world model at configs/parrot_shapes.yaml's settings (64 images, 10 DDIM steps),
+  original-prompt-centred guidance ([∅, c, ĉ] in one batched call) vs plain CFG sampling; the shapes PEN's 64
+  expansions against that sampling time; and batch-wise Pareto selection of 256 × 4 rewards in torch vs the
+  paper's O(N²) double loop in Python.
 - dragon: one DRAGON round on the tones world with a dataset-FAD reward (generation, embedding, set construction,
   DPO updates) against its generation time, with the embedding share and the cache hits; and the leave-one-out set
   construction on cached embeddings vs a loop that embeds every subset it scores.
@@ -458,6 +462,58 @@ def bench_attention(args) -> dict:
     }
 
 
+def bench_parrot(args) -> list[dict]:
+    from genalign.generators.base import Conditions
+    from genalign.generators.prompt_expansion import PromptExpansionNetwork
+    from pipelines.parrot import pareto_selection
+
+    gen = DiffusionGenerator.from_pretrained(SHAPES_MODEL).to(args.device)
+    pen = PromptExpansionNetwork.from_pretrained(ROOT / "genalign" / "worlds" / "assets" / "shapes" / "pen")
+    pen.to(args.device)
+    short = (ROOT / "configs" / "prompts" / "shapes_short_eval.txt").read_text().splitlines()
+    prompts = (short * 2)[:64]
+    seeds = list(range(len(prompts)))
+    rewards = tuple(range(1, 5))
+    expansions = pen.expand(prompts, [rewards] * len(prompts), seeds=seeds).texts
+    cfg = SamplingOptions(num_inference_steps=10, guidance_scale=3.0, eta=1.0)
+    centred = SamplingOptions(num_inference_steps=10, guidance_scale=3.0, eta=1.0, expansion_guidance_scale=3.0)
+    with_expansions = Conditions(texts=prompts, expanded_texts=expansions)
+
+    base, mine = paired(lambda: gen.sample(prompts, cfg, seeds=seeds, batch_size=64),
+                        lambda: gen.sample(with_expansions, centred, seeds=seeds, batch_size=64), args.repeats)
+    expand = timed(lambda: pen.expand(prompts, [rewards] * len(prompts), seeds=seeds), args.repeats)
+    rows = [{
+        "benchmark": "Parrot: original-prompt-centred guidance, shapes world, 64 images, 10 DDIM steps (w1 = w2 = 3)",
+        "baseline": "CFG sampling, same prompts and seeds",
+        "baseline_s": base, "ours_s": mine, "ratio": mine / base, "samples_per_s": len(prompts) / mine,
+    }, {
+        "benchmark": "Parrot: the shapes PEN expanding 64 short prompts (all four reward identifiers, sampled)",
+        "baseline": "CFG sampling of 64 images, 10 DDIM steps",
+        "baseline_s": base, "ours_s": expand, "ratio": expand / base,
+    }]
+
+    scores = torch.randn(256, 4, generator=torch.Generator().manual_seed(0)).to(args.device)
+
+    def double_loop():
+        values = scores.tolist()
+        keep = [True] * len(values)
+        for a, x in enumerate(values):
+            for y in values:
+                if all(q >= p for p, q in zip(x, y)) and any(q > p for p, q in zip(x, y)):
+                    keep[a] = False
+                    break
+        return keep
+
+    assert pareto_selection(scores).tolist() == double_loop()
+    base, mine = paired(double_loop, lambda: pareto_selection(scores), args.repeats)
+    rows.append({
+        "benchmark": "Parrot: batch-wise Pareto selection of 256 samples × 4 rewards",
+        "baseline": "the paper's O(N²) double loop in Python",
+        "baseline_s": base, "ours_s": mine, "ratio": mine / base,
+    })
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| benchmark | baseline | baseline s | ours s | ratio (ours / baseline) | extra |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -470,7 +526,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["sampling", "masked", "ddpo", "prdp", "memory", "attention", "shapes", "tones", "dragon"])
+    parser.add_argument("--only", choices=["sampling", "masked", "ddpo", "prdp", "memory", "attention", "shapes", "tones", "dragon", "parrot"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -485,7 +541,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     benches = {"sampling": bench_sampling, "masked": bench_masked, "ddpo": bench_ddpo, "prdp": bench_prdp, "memory": bench_memory, "attention": bench_attention,
-               "shapes": bench_shapes, "tones": bench_tones, "dragon": bench_dragon}
+               "shapes": bench_shapes, "tones": bench_tones, "dragon": bench_dragon, "parrot": bench_parrot}
     rows = []
     for name, fn in benches.items():
         if args.only and name != args.only:

@@ -252,3 +252,17 @@ def test_config_keys_lists_dotted_leaves() -> None:
         "extra",
     ]
     assert "maybe.kind" in config_keys(Misc)
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_config_builds_with_its_pipeline(path: Path) -> None:
+    # Fails when a shipped YAML carries a key its pipeline's config does not know (a renamed field, a typo such as
+    # `finetune_onyl`), or a value of the wrong type: `genalign finetune --config` would refuse it at start-up.
+    from pipelines import get_pipeline
+
+    data = load_yaml(path)
+    config = build_config(get_pipeline(str(data["pipeline"])).config_class, data)
+    assert config.pipeline == data["pipeline"]

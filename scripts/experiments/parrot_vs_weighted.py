@@ -59,12 +59,12 @@ def config_for(arm: str, seed: int, extra: list[str]) -> ParrotConfig:
     return build_config(ParrotConfig, load_yaml(CONFIG), overrides)
 
 
-def score(pipe: ParrotPipeline, conditions: Conditions, options, seeds: list[int]) -> dict:
-    """Rewards [N, K] and gold verdicts of samples from `conditions`, against the user's prompts."""
+def score(pipe: ParrotPipeline, prompts: list[str], conditions: Conditions, options, seeds: list[int]) -> dict:
+    """Rewards [N, K] and gold verdicts of samples from `conditions`, against the user's `prompts`."""
     with torch.no_grad():
         rollout = pipe.generator.sample(conditions, options, seeds=seeds, batch_size=64, return_trajectory=False)
-        rewards = pipe.reward(rollout.outputs, conditions.texts).rewards.float().reshape(len(seeds), -1).cpu()
-    verdicts = pipe.gold(rollout.outputs, conditions.texts)
+        rewards = pipe.reward(rollout.outputs, prompts).rewards.float().reshape(len(seeds), -1).cpu()
+    verdicts = pipe.gold(rollout.outputs, prompts)
     return {"rewards": rewards.tolist(), "gold": {k: v.float().tolist() for k, v in verdicts.items()}}
 
 
@@ -79,11 +79,11 @@ def evaluate_pipe(pipe: ParrotPipeline) -> dict:
     prompts, seeds = evaluation_set(pipe)
     out = {}
     if pipe.pen is None:
-        out["model"] = score(pipe, Conditions(texts=prompts), pipe.options, seeds)
+        out["model"] = score(pipe, prompts, Conditions(texts=prompts), pipe.options, seeds)
         return out
     centred = pipe.inference_conditions(prompts, seeds)
-    out["model"] = score(pipe, centred, pipe.options, seeds)
-    out["expansion_only"] = score(pipe, Conditions(texts=centred.expanded_texts), pipe.train_options, seeds)
+    out["model"] = score(pipe, prompts, centred, pipe.options, seeds)
+    out["expansion_only"] = score(pipe, prompts, Conditions(texts=centred.expanded_texts), pipe.train_options, seeds)
     out["model"]["expansions"] = centred.expanded_texts
     return out
 
@@ -121,9 +121,10 @@ def run_base(extra: list[str]) -> None:
     pipe = ParrotPipeline(config)
     prompts, seeds = evaluation_set(pipe)
     centred = pipe.inference_conditions(prompts, seeds)
-    result = {"model": score(pipe, Conditions(texts=prompts), pipe.options, seeds),
-              "base_pen": score(pipe, centred, pipe.options, seeds),
-              "base_pen_expansion_only": score(pipe, Conditions(texts=centred.expanded_texts), pipe.train_options,
+    # Plain prompts: CFG only (train_options carry no expansion guidance).
+    result = {"model": score(pipe, prompts, Conditions(texts=prompts), pipe.train_options, seeds),
+              "base_pen": score(pipe, prompts, centred, pipe.options, seeds),
+              "base_pen_expansion_only": score(pipe, prompts, Conditions(texts=centred.expanded_texts), pipe.train_options,
                                                seeds)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
