@@ -695,9 +695,11 @@ def prepare_trainable_modules(generator, config: TrainerConfig) -> dict[str, tor
 def add_lora(module: torch.nn.Module, config: LoRAConfig) -> None:
     """Attach peft LoRA adapters (B initialised to 0, so the model is unchanged until trained) to any module.
 
-    diffusers and transformers models go through their own `add_adapter`, which keeps the bookkeeping their
-    LoRA savers read; any other module gets peft's `inject_adapter_in_model`.
+    diffusers models go through their own `add_adapter`, which keeps the bookkeeping their LoRA savers read; any
+    other module (a transformers LM too: its `add_adapter` needs a newer peft than the pinned one) gets peft's
+    `inject_adapter_in_model`.
     """
+    from diffusers import ModelMixin
     from peft import LoraConfig, inject_adapter_in_model
 
     lora = LoraConfig(
@@ -708,7 +710,7 @@ def add_lora(module: torch.nn.Module, config: LoRAConfig) -> None:
         target_modules=list(config.target_modules),
     )
     try:
-        if hasattr(module, "add_adapter"):
+        if isinstance(module, ModelMixin):
             module.add_adapter(lora)
         else:
             inject_adapter_in_model(lora, module)

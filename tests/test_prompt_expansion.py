@@ -373,3 +373,33 @@ def test_short_prompt_files_are_the_recipe_and_disjoint():
     combos = [{(s.shapes[0].shape, s.shapes[0].colour, s.shapes[0].position) for s in map(parse_short_caption, f)}
               for f in (train, held_out)]  # fmt: skip
     assert len(combos[0]) == 16 and len(combos[1]) == 32 and not combos[0] & combos[1]
+
+
+def test_a_lora_trained_pen_saves_as_a_plain_model_with_its_adapters_merged(tmp_path):
+    # configs/parrot_sd15.yaml trains the PEN with LoRA. Fails if LoRA cannot be attached to a transformers LM with
+    # the pinned peft (its own `add_adapter` needs a newer one), if `<run>/pen` holds peft's renamed weights
+    # (from_pretrained then drops the adapters or fails), or if saving merges the adapters into the live model.
+    from genalign.trainer import LoRAConfig
+    from pipelines.parrot import PENConfig, prepare_expander
+
+    pen = PromptExpansionNetwork.from_pretrained(COMMITTED_PEN)
+    lora = LoRAConfig(enabled=True, rank=4, alpha=4, target_modules=["c_attn"])
+    prepare_expander(pen, PENConfig(pretrained=str(COMMITTED_PEN), lora=lora), num_rewards=4)
+    params = pen.trainable_parameters()
+    assert params and all("lora_" in name for name in params)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in params.items():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ids = torch.tensor([[5, 9, 14, 2, 30]])
+    with torch.no_grad():
+        trained = pen.model(input_ids=ids).logits
+        base = PromptExpansionNetwork.from_pretrained(COMMITTED_PEN).model(input_ids=ids).logits
+    assert (trained - base).abs().max() > 1e-2  # the adapters change the model
+    pen.save_pretrained(tmp_path / "pen")
+    back = PromptExpansionNetwork.from_pretrained(tmp_path / "pen")
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(input_ids=ids).logits, trained, rtol=0, atol=1e-4)
+        torch.testing.assert_close(pen.model(input_ids=ids).logits, trained, rtol=0, atol=0)
+    assert set(pen.trainable_parameters()) == set(params)

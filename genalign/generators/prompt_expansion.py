@@ -19,6 +19,7 @@ a draw only at an exact tie).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -200,7 +201,7 @@ class PromptExpansionNetwork:
         """Write the model, the tokenizer and genalign_pen.json into ``path``; returns it."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(folder)
+        self._merged_model().save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         config = {
             "separator": self.separator,
@@ -211,6 +212,26 @@ class PromptExpansionNetwork:
         }
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return folder
+
+    def _merged_model(self) -> torch.nn.Module:
+        """The model itself, or with LoRA adapters (peft layers) a plain copy with them merged into its weights, so
+        that the saved folder loads with `from_pretrained` alone."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if not any(isinstance(m, BaseTunerLayer) for m in self.model.modules()):
+            return self.model
+        merged = copy.deepcopy(self.model)
+        state = {}
+        for module in merged.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+        for key, value in merged.state_dict().items():
+            if "lora_" not in key:
+                state[key.replace(".base_layer.", ".")] = value
+        plain = type(self.model)(self.model.config).to(dtype=next(self.model.parameters()).dtype)
+        plain.load_state_dict(state)
+        plain.generation_config = self.model.generation_config
+        return plain
 
     @property
     def device(self) -> torch.device:
