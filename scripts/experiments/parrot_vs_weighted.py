@@ -1,6 +1,6 @@
 """Parrot vs a fixed weighted sum on the shapes world, at equal sample budgets. Results in docs/results/parrot.md.
 
-    python scripts/experiments/parrot_vs_weighted.py run                       # 3 arms × 3 seeds
+    python scripts/experiments/parrot_vs_weighted.py run --set eval.every=1000  # 3 arms × 3 seeds, ~5 min per run
     python scripts/experiments/parrot_vs_weighted.py run --arms parrot_pen --seeds 0 --set epochs=5
     python scripts/experiments/parrot_vs_weighted.py report                    # tables from the saved results
 
