@@ -134,7 +134,8 @@ def _run_expander(args: argparse.Namespace, config, reward):
 
     checkpoint = None if args.base else resolve_checkpoint(args.checkpoint, Path(args.run))
     num_rewards = len(reward.objectives)
-    return load_trained_expander(config, checkpoint, num_rewards), tuple(range(1, num_rewards + 1))
+    return (load_trained_expander(config, checkpoint, num_rewards, use_ema=not args.raw_weights),
+            tuple(range(1, num_rewards + 1)))
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:

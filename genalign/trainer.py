@@ -184,7 +184,8 @@ class Trainer:
             accumulation_steps: backward calls per optimiser update (on each process).
             total_updates: optimiser updates in the whole run (for LR schedules).
             run_config: the pipeline config as a dict, saved as the run folder's config.yaml.
-            extra_parameters: named groups of further parameters with their own learning rates.
+            extra_parameters: named groups of further parameters with their own learning rates (checkpointed,
+                clipped and, with EMA on, averaged with the generator's).
             keep_reference: the pipeline needs `generator.reference()`; under full fine-tuning a frozen copy of
                 the pretrained modules is kept for it (LoRA disables its adapters instead).
         """
@@ -257,7 +258,9 @@ class Trainer:
         *wrapped, self.optimizer = self.accelerator.prepare(*modules.values(), self.optimizer)
         self._wrapped = wrapped
         generator.set_training_modules(dict(zip(modules, wrapped)))
-        self.ema = EMA(self.named_parameters, config.ema_decay) if config.ema else None
+        # The extra groups (e.g. Parrot's prompt-expansion network) are averaged too: an EMA evaluation must not
+        # pair averaged generator weights with raw weights of the modules that condition it.
+        self.ema = EMA(self._all_trained_parameters(), config.ema_decay) if config.ema else None
         self.updates = 0
         self.skipped_updates = 0
         self._skipped_in_a_row = 0
@@ -490,9 +493,11 @@ class Trainer:
             return self.save_checkpoint(epoch, pipeline_state)
         return None
 
+    def _all_trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {**self.named_parameters, **self.extra_parameters}
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        named = {**self.named_parameters, **self.extra_parameters}
-        return {name: p.detach().float().cpu().contiguous() for name, p in named.items()}
+        return {name: p.detach().float().cpu().contiguous() for name, p in self._all_trained_parameters().items()}
 
     def save_checkpoint(self, epoch: int, pipeline_state: dict[str, Any]) -> Path:
         """Write step_{epoch} so that a complete checkpoint exists at every instant.
@@ -590,7 +595,7 @@ class Trainer:
                 f"checkpoint '{path}' was trained with lora.enabled={meta['lora']}; resume with the same setting"
             )
         state = load_file(str(path / "trainable.safetensors"))
-        params = {**self.named_parameters, **self.extra_parameters}
+        params = self._all_trained_parameters()
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
         if missing or unexpected:
@@ -618,7 +623,7 @@ class Trainer:
             else:
                 self._missing_state(path, "EMA state (it was trained with trainer.ema=false)",
                                     "an EMA started from the checkpoint's weights")
-                self.ema = EMA(self.named_parameters, self.config.ema_decay)
+                self.ema = EMA(self._all_trained_parameters(), self.config.ema_decay)
         rng_file = path / f"rng_state_{self.process_index}.pt"
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=True))

@@ -280,9 +280,9 @@ class ParrotPipeline(Pipeline):
             last = self.finish_epoch(trainer, epoch, metrics, {}, tic, len(plan))
         if self.pen is not None and trainer.is_main:
             self.pen.reward_names = list(self.reward.objectives)
-            self.pen.save_pretrained(trainer.run_dir / "pen")
-            if c.gallery_prompts:
-                with trainer.ema_weights():
+            with trainer.ema_weights():
+                self.pen.save_pretrained(trainer.run_dir / "pen")
+                if c.gallery_prompts:
                     self.write_expansion_gallery(trainer.run_dir / "expansions")
         trainer.accelerator.wait_for_everyone()
         return last
@@ -403,10 +403,10 @@ def prepare_expander(pen: PromptExpansionNetwork, config: PENConfig, num_rewards
     pen.model.eval()
 
 
-def load_trained_expander(config: ParrotConfig, checkpoint: str | Path | None,
-                          num_rewards: int) -> PromptExpansionNetwork | None:
-    """A Parrot run's PEN with the weights of `checkpoint` (its `extra.pen.*` tensors), or the base PEN for
-    None; None when the run has no PEN."""
+def load_trained_expander(config: ParrotConfig, checkpoint: str | Path | None, num_rewards: int, *,
+                          use_ema: bool = True) -> PromptExpansionNetwork | None:
+    """A Parrot run's PEN with the weights of `checkpoint` (its `extra.pen.*` tensors; the EMA ones when the run
+    kept an EMA and `use_ema`, as for its generator), or the base PEN for None; None when the run has no PEN."""
     if not config.pen.pretrained:
         return None
     from safetensors.torch import load_file
@@ -414,7 +414,8 @@ def load_trained_expander(config: ParrotConfig, checkpoint: str | Path | None,
     pen = PromptExpansionNetwork.from_pretrained(config.pen.pretrained, torch_dtype=_DTYPES[config.pen.dtype])
     prepare_expander(pen, config.pen, num_rewards)
     if checkpoint is not None and config.pen.train:
-        state = load_file(str(Path(checkpoint) / "trainable.safetensors"))
+        ema_file = Path(checkpoint) / "ema.safetensors"
+        state = load_file(str(ema_file if use_ema and ema_file.exists() else Path(checkpoint) / "trainable.safetensors"))
         parameters = pen.trainable_parameters()
         with torch.no_grad():
             for name, parameter in parameters.items():

@@ -4,6 +4,7 @@ cross-attention-only training, the jointly trained PEN, resume, 2 processes, bad
 import dataclasses
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -348,6 +349,51 @@ def test_resume_with_the_pen_equals_an_uninterrupted_run(tiny_sd_dir, tmp_path):
         torch.testing.assert_close(parameter.detach().float(), a[f"extra.pen.{name}"], atol=0, rtol=0)
     assert saved.expand(["a red circle at the top"], [(1, 2)], seeds=[3]).texts == \
         loaded.expand(["a red circle at the top"], [(1, 2)], seeds=[3]).texts
+
+
+def test_the_shipped_sd15_path_fp16_cross_attention_lora_pen_ema_and_cosine_schedule(tiny_sd_dir, tmp_path):
+    """configs/parrot_sd15.yaml's training path on the tiny model: fp16 weights and autocast, cross-attention-only
+    T2I training, a LoRA'd PEN, plus EMA and a cosine schedule. Fails if an fp16 update is skipped (non-finite
+    gradients) or never moves a side, if the schedule misses the PEN's parameter group or steps more than once
+    per update, or if EMA leaves the PEN out — then the run's evaluations, its saved pen/ folder and
+    `genalign sample` would pair an averaged generator with a raw PEN."""
+    from genalign.generators.prompt_expansion import PromptExpansionNetwork
+    from pipelines.parrot import load_trained_expander
+
+    run = tmp_path / "run"
+    config = pen_config(tiny_sd_dir, run, epochs=3, **{
+        "model.dtype": "float16", "trainer.mixed_precision": "fp16", "trainer.lora.enabled": False,
+        "trainer.finetune_only": "[attn2]", "pen.lora.enabled": True, "pen.lora.rank": 4, "trainer.ema": True,
+        "trainer.ema_decay": 0.5, "trainer.lr_schedule": "cosine", "trainer.keep_checkpoints": 0})
+    ParrotPipeline(config).train()
+    assert not (run / "warnings.log").exists(), (run / "warnings.log").read_text()
+    log = run_log(run)[1:]
+    assert all(math.isfinite(r["policy_loss"]) and math.isfinite(r["pen_loss"]) for r in log), log
+    checkpoints = run / "checkpoints"
+    start, raw = (load_file(str(checkpoints / f"step_00000{i}" / "trainable.safetensors")) for i in (0, 2))
+    ema = load_file(str(checkpoints / "step_000002" / "ema.safetensors"))
+    assert ema.keys() == raw.keys()
+    pen_keys = [k for k in raw if k.startswith("extra.pen.")]
+    assert pen_keys and all("lora_" in k for k in pen_keys)
+    assert all("attn2" in k for k in raw if not k.startswith("extra."))
+    for keys in (pen_keys, [k for k in raw if not k.startswith("extra.")]):
+        assert any(not torch.equal(start[k], raw[k]) for k in keys), "a side never moved"
+        assert any(not torch.equal(ema[k], raw[k]) for k in keys), "EMA does not average this side"
+    # Cosine over 3 updates: after 2 of them every group runs at (1 + cos(2π/3)) / 2 = 1/4 of its own rate.
+    groups = torch.load(checkpoints / "step_000001" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [config.trainer.learning_rate, config.pen.learning_rate]
+    for group in groups:
+        assert group["lr"] == pytest.approx(group["initial_lr"] / 4, rel=1e-9)
+    # The PEN a run leaves behind and the one `genalign sample` loads are the EMA PEN; --raw-weights the raw one.
+    for use_ema, expected in ((True, ema), (False, raw)):
+        loaded = load_trained_expander(config, checkpoints / "step_000002", 2, use_ema=use_ema)
+        for name, parameter in loaded.trainable_parameters().items():
+            assert torch.equal(parameter.detach().float(), expected[f"extra.pen.{name}"]), (use_ema, name)
+    averaged = load_trained_expander(config, checkpoints / "step_000002", 2)._merged_model().state_dict()
+    saved = PromptExpansionNetwork.from_pretrained(run / "pen").model.state_dict()
+    assert saved.keys() == averaged.keys()
+    for key in saved:
+        torch.testing.assert_close(saved[key].float(), averaged[key].float(), atol=1e-6, rtol=0)
 
 
 def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
