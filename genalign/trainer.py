@@ -723,6 +723,12 @@ def add_lora(module: torch.nn.Module, config: LoRAConfig) -> None:
         raise ConfigError(f"trainer.lora.target_modules: {error}") from None
 
 
+def trained_weights_file(checkpoint: str | Path, use_ema: bool = True) -> Path:
+    """A checkpoint's EMA weights when it has them and `use_ema`, else its raw trained weights (same keys)."""
+    ema_file = Path(checkpoint) / "ema.safetensors"
+    return ema_file if use_ema and ema_file.exists() else Path(checkpoint) / "trainable.safetensors"
+
+
 def load_trained_weights(generator, config: TrainerConfig, checkpoint: str | Path, *, use_ema: bool = True) -> None:
     """Put a checkpoint's trained weights into a freshly loaded generator (adding LoRA adapters first if used).
 
@@ -736,9 +742,8 @@ def load_trained_weights(generator, config: TrainerConfig, checkpoint: str | Pat
     if meta["lora"]:
         for module in modules.values():
             add_lora(module, config.lora)
-    ema_file = checkpoint / "ema.safetensors"
-    source = ema_file if use_ema and ema_file.exists() else checkpoint / "trainable.safetensors"
-    state = {k: v for k, v in load_file(str(source)).items() if not k.startswith("extra.")}
+    state = {k: v for k, v in load_file(str(trained_weights_file(checkpoint, use_ema))).items()
+             if not k.startswith("extra.")}
     params = {f"{module_name}.{name}": p for module_name, module in modules.items()
               for name, p in module.named_parameters()}
     missing = sorted(set(state) - set(params))

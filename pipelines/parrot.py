@@ -39,7 +39,7 @@ from genalign.engine import EpochPlan, Pipeline, PipelineConfig, SamplingConfig,
 from genalign.gallery import PromptRow, write_gallery
 from genalign.generators.base import Conditions, Generator, Trajectory
 from genalign.generators.prompt_expansion import Expansion, PromptExpansionNetwork
-from genalign.trainer import LoRAConfig, ParameterGroup, Trainer, add_lora
+from genalign.trainer import LoRAConfig, ParameterGroup, Trainer, add_lora, trained_weights_file
 from genalign.writers import gallery_samples, gold_label
 from pipelines.ddpo import ddpo_loss
 from rewards.pareto import hypervolume, non_dominated_mask
@@ -414,8 +414,7 @@ def load_trained_expander(config: ParrotConfig, checkpoint: str | Path | None, n
     pen = PromptExpansionNetwork.from_pretrained(config.pen.pretrained, torch_dtype=_DTYPES[config.pen.dtype])
     prepare_expander(pen, config.pen, num_rewards)
     if checkpoint is not None and config.pen.train:
-        ema_file = Path(checkpoint) / "ema.safetensors"
-        state = load_file(str(ema_file if use_ema and ema_file.exists() else Path(checkpoint) / "trainable.safetensors"))
+        state = load_file(str(trained_weights_file(checkpoint, use_ema)))
         parameters = pen.trainable_parameters()
         with torch.no_grad():
             for name, parameter in parameters.items():

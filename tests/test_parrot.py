@@ -440,8 +440,11 @@ class PixelStatistic(Reward):
         return self.sign * self.statistic(outputs.float())
 
 
+_COLOURFULNESS = build_reward("colorfulness")
+
+
 def _colourfulness(x):
-    return build_reward("colorfulness").score(x, None)
+    return _COLOURFULNESS.score(x, None)
 
 
 def _brightness(x):
