@@ -11,7 +11,11 @@ Every combinator is itself a `Reward`, so it nests and goes anywhere a reward go
           - {name: hpsv2, weight: 2.0}
           - {name: laion_aesthetic, weight: 0.05}
 
-`stack` takes the same `components` and returns one column per component ([B, K]) for Pareto methods.
+`stack` takes the same `components` and returns one column per component ([B, K]) for Pareto methods. A
+component's optional `label` names its column (default: the reward's name), so one reward can appear twice::
+
+          - {name: motif_count, label: ATA, kwargs: {motif: ATA}}
+          - {name: motif_count, label: CGC, kwargs: {motif: CGC}}
 """
 
 from __future__ import annotations
@@ -25,24 +29,28 @@ from .base import Reward, RewardError, RewardOutput, build_reward, register_rewa
 _KIND_ORDER = ("instance", "instance_to_distribution", "distribution_to_distribution")
 
 
-def _build_components(components: Sequence[Reward | Mapping[str, Any]]) -> tuple[list[Reward], list[float]]:
-    """Rewards and weights from Reward objects or {name, weight, kwargs} mappings (YAML)."""
+def _build_components(
+    components: Sequence[Reward | Mapping[str, Any]],
+) -> tuple[list[Reward], list[float], list[str]]:
+    """Rewards, weights and labels from Reward objects or {name, weight, label, kwargs} mappings (YAML)."""
     if not components:
         raise RewardError("a composed reward needs at least one component; pass components=[{name: ..., weight: ...}]")
-    rewards, weights = [], []
+    rewards, weights, labels = [], [], []
     for item in components:
         if isinstance(item, Reward):
             rewards.append(item)
             weights.append(1.0)
+            labels.append(item.name)
             continue
-        unknown = set(item) - {"name", "weight", "kwargs"}
+        unknown = set(item) - {"name", "weight", "label", "kwargs"}
         if "name" not in item or unknown:
             raise RewardError(
-                f"reward component {dict(item)!r} must be a mapping with 'name' and optional 'weight' and "
-                f"'kwargs'{f' (unknown keys: {sorted(unknown)})' if unknown else ''}"
+                f"reward component {dict(item)!r} must be a mapping with 'name' and optional 'weight', 'label' "
+                f"and 'kwargs'{f' (unknown keys: {sorted(unknown)})' if unknown else ''}"
             )
         rewards.append(build_reward(item["name"], **dict(item.get("kwargs", {}))))
         weights.append(float(item.get("weight", 1.0)))
+        labels.append(str(item.get("label", item["name"])))
     modalities = {r.modality for r in rewards}
     if len(modalities) > 1:
         raise RewardError(
@@ -52,7 +60,7 @@ def _build_components(components: Sequence[Reward | Mapping[str, Any]]) -> tuple
     for r in rewards:
         if not r.higher_is_better:
             raise RewardError(f"component '{r.name}' is lower-is-better; negate it before combining")
-    return rewards, weights
+    return rewards, weights, labels
 
 
 class _Composite(Reward):
@@ -84,14 +92,17 @@ class WeightedSum(_Composite):
     """Σ_k w_k · r_k per sample; metadata["components"] holds each component's [B] scores."""
 
     def __init__(self, components: Sequence[Reward | Mapping[str, Any]]) -> None:
-        rewards, weights = _build_components(components)
+        rewards, weights, self.labels = _build_components(components)
+        if len(set(self.labels)) != len(self.labels):
+            raise RewardError(f"weighted-sum components need distinct labels, got {self.labels}; give a "
+                              "component that repeats a reward its own 'label'")
         super().__init__(rewards)
         self.weights = weights
 
     def score(self, outputs, conditions) -> RewardOutput:
         scores = self._component_scores(outputs, conditions)
         total = sum(w * s for w, s in zip(self.weights, scores))
-        return RewardOutput(total, {"components": {r.name: s.detach() for r, s in zip(self.components, scores)}})
+        return RewardOutput(total, {"components": {label: s.detach() for label, s in zip(self.labels, scores)}})
 
 
 @register_reward("stack")
@@ -99,11 +110,11 @@ class Stack(_Composite):
     """One column per component: [B, K] with objectives named after the components (weights scale columns)."""
 
     def __init__(self, components: Sequence[Reward | Mapping[str, Any]]) -> None:
-        rewards, weights = _build_components(components)
-        names = [r.name for r in rewards]
-        if len(set(names)) != len(names):
-            raise RewardError(f"stacked rewards need distinct names, got {names}")
-        self.objectives = tuple(names)
+        rewards, weights, labels = _build_components(components)
+        if len(set(labels)) != len(labels):
+            raise RewardError(f"stacked rewards need distinct names, got {labels}; give a component that repeats "
+                              "a reward its own 'label' (e.g. {name: motif_count, label: ATA, kwargs: {motif: ATA}})")
+        self.objectives = tuple(labels)
         super().__init__(rewards)
         self.weights = weights
 

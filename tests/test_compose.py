@@ -52,6 +52,24 @@ def test_built_from_yaml_style_mappings():
         build_reward("stack", components=[{"weight": 1.0}])
 
 
+def test_a_label_names_a_component_so_one_reward_can_be_stacked_twice():
+    """Two motif counts in one stack (Parrot's Markov config): without labels the names collide and the stack
+    is refused with the fix; with labels each column is its own motif and is named after its label."""
+    ids = torch.tensor([[0, 3, 0, 3, 0, 1, 1, 1], [1, 1, 1, 1, 2, 2, 2, 2]])  # ATATACCC, CCCCGGGG
+    components = [{"name": "motif_count", "kwargs": {"motif": "ATA"}}, {"name": "motif_count", "kwargs": {"motif": "CCC"}}]
+    with pytest.raises(RewardError, match="distinct names.*'label'"):
+        build_reward("stack", components=components)
+    labelled = [{**c, "label": c["kwargs"]["motif"]} for c in components]
+    stacked = build_reward("stack", components=labelled)
+    assert stacked.objectives == ("ATA", "CCC")
+    assert stacked(ids).rewards.tolist() == [[2.0, 1.0], [0.0, 2.0]]
+    summed = build_reward("weighted_sum", components=labelled)
+    assert {k: v.tolist() for k, v in summed(ids).metadata["components"].items()} == {"ATA": [2.0, 0.0],
+                                                                                      "CCC": [1.0, 2.0]}
+    with pytest.raises(RewardError, match="distinct labels"):
+        build_reward("weighted_sum", components=components)
+
+
 def test_per_prompt_normalization_and_clipping():
     values = Mean()(IMAGES).rewards
     out = PerPromptNormalized(Mean())(IMAGES, PROMPTS).rewards
