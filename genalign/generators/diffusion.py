@@ -6,8 +6,12 @@ that knows this model family; pipelines talk to it through the protocol of `gena
 `sample`, `step_log_prob`, `sample_differentiable`, `trainable_modules`, `reference`, `save_adapter`.
 
 A trajectory's states are the latents x_T … x_0 [B, T+1, C, h, w]; its conditioning holds the text embeddings
-(`embeds`, `attention_mask`, `pooled`, `time_ids`, and `uncond_*` for classifier-free guidance); its options
-are the `SamplingOptions` it was drawn with, from which the step schedule is rebuilt for re-evaluation.
+(`embeds`, `attention_mask`, `pooled`, `time_ids`, and `uncond_*` for classifier-free guidance) and, with a
+ControlNet, the control images (`control`); its options are the `SamplingOptions` it was drawn with, from which
+the step schedule is rebuilt for re-evaluation.
+
+With a ControlNet attached (`from_pretrained(..., controlnet=...)`, genalign.generators.controlnet) the
+ControlNet is what trains and the UNet is frozen; sampling reproduces StableDiffusionControlNetPipeline.
 
 Sampling reproduces diffusers' StableDiffusion(XL)Pipeline bit for bit up to float rounding: same noise
 draws (one `randn_tensor` call per step, per-sample generators allowed), same CFG, same step formulas.
@@ -26,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.utils.checkpoint
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTokenizer
 
@@ -39,6 +43,7 @@ from genalign.generators.base import (
     adapters_disabled,
     per_sample_generators,
 )
+from genalign.generators.controlnet import CONTROL_KEY, check_control_image, check_controlnet_matches, load_controlnet
 from genalign.sampling import (
     LogProbReduction,
     StepSchedule,
@@ -101,6 +106,32 @@ class PromptEmbeds:
 
 
 @dataclass
+class _Branches:
+    """What every denoiser call of one batch is conditioned on: text c, ∅ (None without guidance), the
+    expansion ĉ (None without original-prompt-centred guidance) and the control images (None without a
+    ControlNet, else [B, 3, H, W] in [0, 1])."""
+
+    cond: PromptEmbeds
+    uncond: PromptEmbeds | None = None
+    expanded: PromptEmbeds | None = None
+    control: torch.Tensor | None = None
+
+    def as_conditioning(self) -> dict[str, torch.Tensor]:
+        conditioning = self.cond.as_conditioning()
+        for prefix, text in (("uncond_", self.uncond), ("expanded_", self.expanded)):
+            if text is not None:
+                conditioning.update(text.as_conditioning(prefix))
+        if self.control is not None:
+            conditioning[CONTROL_KEY] = self.control
+        return conditioning
+
+    @classmethod
+    def from_conditioning(cls, conditioning: dict[str, torch.Tensor]) -> "_Branches":
+        return cls(PromptEmbeds.from_conditioning(conditioning), PromptEmbeds.from_conditioning(conditioning, "uncond_"),
+                   PromptEmbeds.from_conditioning(conditioning, "expanded_"), conditioning.get(CONTROL_KEY))
+
+
+@dataclass
 class SamplingOptions:
     """How to sample: steps, CFG, stochasticity and log-prob convention ("sum" over latent elements, the true
     density, or their "mean").
@@ -117,6 +148,7 @@ class SamplingOptions:
     width: int | None = None
     negative_prompt: str = ""
     expansion_guidance_scale: float = 0.0
+    controlnet_conditioning_scale: float = 1.0  # multiplies the ControlNet's residuals (diffusers' argument)
 
 
 @dataclass
@@ -130,7 +162,8 @@ class DiffusionGenerator:
     """A latent text-to-image diffusion model exposed as a stochastic policy.
 
     Build it with `from_pretrained` (a diffusers folder or hub id with SD 1.x/2.x or SDXL layout) or
-    directly from components. Only the denoiser is ever trained; VAE and text encoders stay frozen.
+    directly from components. Only the denoiser is ever trained (the ControlNet instead, when one is attached);
+    VAE and text encoders stay frozen.
     """
 
     modality = "image"
@@ -145,16 +178,22 @@ class DiffusionGenerator:
     force_zeros_for_empty_prompt: bool = False
     use_encoder_attention_mask: bool = False
     source: str | None = None
+    controlnet: ControlNetModel | None = None
     # The module forward passes go through: the denoiser, or its distributed wrapper (DDP/FSDP) once a trainer
     # has prepared it (`set_training_modules`). Configs and weights are always read from `denoiser`.
     _forward: torch.nn.Module | None = field(default=None, repr=False)
+    _control_forward: torch.nn.Module | None = field(default=None, repr=False)
     _reference_copy: torch.nn.Module | None = field(default=None, repr=False)
     _in_reference: bool = field(default=False, repr=False)
     _empty_cache: dict = field(default_factory=dict, repr=False)
     _schedules: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for module in (self.vae, self.text_encoder, self.text_encoder_2):
+        frozen = [self.vae, self.text_encoder, self.text_encoder_2]
+        if self.controlnet is not None:
+            check_controlnet_matches(self.controlnet, self.denoiser)
+            frozen.append(self.denoiser)
+        for module in frozen:
             if module is not None:
                 module.requires_grad_(False)
                 module.eval()
@@ -169,12 +208,16 @@ class DiffusionGenerator:
         revision: str | None = None,
         local_files_only: bool | None = None,
         scheduler: str | None = None,
+        controlnet: str | os.PathLike | None = None,
     ) -> "DiffusionGenerator":
         """Load a diffusers text-to-image folder or hub id (SD 1.x/2.x, or SDXL when `text_encoder_2` exists).
 
         Args:
             scheduler: "ddim" or "ddpm" to replace the stored scheduler (same noise schedule); None keeps
                 it if it is DDIM/DDPM and otherwise converts to DDIM.
+            controlnet: attach a ControlNet: "unet" initialises one from the UNet (as diffusers'
+                `ControlNetModel.from_unet`), or a ControlNetModel folder or hub id. A
+                StableDiffusionControlNetPipeline folder brings its own; passing one here replaces it.
         """
         source = str(path_or_id)
         check_model_source(source, "'stable-diffusion-v1-5/stable-diffusion-v1-5'")
@@ -196,9 +239,16 @@ class DiffusionGenerator:
             chosen = scheduler or ("ddpm" if stored == "DDPMScheduler" else "ddim")
             if chosen not in _SCHEDULERS:
                 raise ModelLoadError(f"scheduler must be 'ddim' or 'ddpm', got {chosen!r}")
+            vae = load("vae")
+            attached = None
+            if controlnet is not None:
+                scale = 2 ** (len(vae.config.block_out_channels) - 1)
+                attached = load_controlnet(str(controlnet), denoiser, scale, torch_dtype, **kwargs)
+            elif index.get("controlnet", [None])[0] is not None:
+                attached = load("controlnet")
             generator = cls(
                 denoiser=denoiser,
-                vae=load("vae"),
+                vae=vae,
                 text_encoder=load("text_encoder"),
                 tokenizer=load("tokenizer", with_dtype=False),
                 # Same noise schedule, but a scheduler whose steps have an exact Gaussian density.
@@ -211,6 +261,7 @@ class DiffusionGenerator:
                     index.get(_MASK_FLAG, denoiser_name == "transformer")
                 ),
                 source=source,
+                controlnet=attached,
             )
         except ModelLoadError:
             raise
@@ -225,7 +276,7 @@ class DiffusionGenerator:
 
     @classmethod
     def from_pipeline(cls, pipe) -> "DiffusionGenerator":
-        """Wrap an in-memory diffusers StableDiffusion(XL) pipeline, sharing its modules (no copies)."""
+        """Wrap an in-memory diffusers StableDiffusion(XL)(ControlNet) pipeline, sharing its modules (no copies)."""
         text_encoder_2 = getattr(pipe, "text_encoder_2", None)
         return cls(
             denoiser=pipe.unet,
@@ -238,13 +289,15 @@ class DiffusionGenerator:
             force_zeros_for_empty_prompt=bool(
                 getattr(pipe.config, "force_zeros_for_empty_prompt", text_encoder_2 is not None)
             ),
+            controlnet=getattr(pipe, "controlnet", None),
         )
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write a diffusers folder (model_index.json + one subfolder per component).
 
-        UNet models are written with the StableDiffusion(XL)Pipeline layout, so diffusers' own
-        `from_pretrained` loads them too; transformer denoisers with the PixArt layout.
+        UNet models are written with the StableDiffusion(XL)Pipeline layout (StableDiffusionControlNetPipeline
+        with a ControlNet), so diffusers' own `from_pretrained` loads them too; transformer denoisers with the
+        PixArt layout.
         """
         import diffusers
 
@@ -259,9 +312,15 @@ class DiffusionGenerator:
             "scheduler": self.scheduler,
             "text_encoder_2": self.text_encoder_2,
             "tokenizer_2": self.tokenizer_2,
+            "controlnet": self.controlnet,
         }
+        if self.controlnet is not None and (self.text_encoder_2 is not None or not is_unet):
+            raise ValueError("saving a ControlNet is supported for SD 1.x/2.x UNet models "
+                             "(StableDiffusionControlNetPipeline layout)")
         if self.text_encoder_2 is not None:
             pipeline_class = "StableDiffusionXLPipeline"
+        elif self.controlnet is not None:
+            pipeline_class = "StableDiffusionControlNetPipeline"
         else:
             pipeline_class = "StableDiffusionPipeline" if is_unet else "PixArtAlphaPipeline"
         index: dict = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__}
@@ -271,7 +330,7 @@ class DiffusionGenerator:
             component.save_pretrained(path / name)
             library = type(component).__module__.split(".")[0]
             index[name] = [library, type(component).__name__]
-        if pipeline_class == "StableDiffusionPipeline":
+        if pipeline_class in ("StableDiffusionPipeline", "StableDiffusionControlNetPipeline"):
             index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         if pipeline_class == "StableDiffusionXLPipeline":
             index["force_zeros_for_empty_prompt"] = self.force_zeros_for_empty_prompt
@@ -281,10 +340,22 @@ class DiffusionGenerator:
 
     def save_adapter(self, path: str | os.PathLike) -> Path:
         """Write the denoiser's LoRA adapter as `pytorch_lora_weights.safetensors` in diffusers' format,
-        so a plain diffusers pipeline of the same base model loads it with `pipe.load_lora_weights(path)`."""
+        so a plain diffusers pipeline of the same base model loads it with `pipe.load_lora_weights(path)`.
+
+        With a ControlNet (diffusers has no LoRA loader for ControlNets) the adapter goes to
+        `controlnet_lora.safetensors` in peft's naming; `genalign sample` and the gallery load it from the
+        checkpoint either way."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if self.controlnet is not None:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            layers = {k: v.detach().float().cpu().contiguous()
+                      for k, v in get_peft_model_state_dict(self.controlnet).items()}
+            save_file(layers, str(Path(path) / "controlnet_lora.safetensors"))
+            return Path(path)
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser))
         layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
@@ -319,26 +390,37 @@ class DiffusionGenerator:
         return self
 
     def _modules(self) -> list[torch.nn.Module]:
-        modules = (self.denoiser, self.vae, self.text_encoder, self.text_encoder_2, self._reference_copy)
+        modules = (self.denoiser, self.vae, self.text_encoder, self.text_encoder_2, self.controlnet,
+                   self._reference_copy)
         return [m for m in modules if m is not None]
 
     # ------------------------------------------------------------------ what trains, and the reference
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """{"denoiser": UNet/transformer}, or {"controlnet": ControlNet} when one is attached (UNet frozen)."""
+        if self.controlnet is not None:
+            return {"controlnet": self.controlnet}
         return {"denoiser": self.denoiser}
 
     def set_training_modules(self, modules: dict[str, torch.nn.Module]) -> None:
-        if set(modules) - {"denoiser"}:
-            raise KeyError(f"unknown training modules {sorted(set(modules) - {'denoiser'})}; this generator trains 'denoiser'")
-        self._forward = modules["denoiser"]
+        (expected,) = self.trainable_modules()
+        if set(modules) != {expected}:
+            raise KeyError(f"unknown training modules {sorted(set(modules) - {expected})}; this generator trains "
+                           f"'{expected}'")
+        if expected == "controlnet":
+            self._control_forward = modules["controlnet"]
+        else:
+            self._forward = modules["denoiser"]
 
     def keep_reference_copy(self) -> None:
-        """Freeze a copy of the denoiser for `reference()` under full fine-tuning (LoRA needs none)."""
+        """Freeze a copy of the trained module for `reference()` under full fine-tuning (LoRA needs none)."""
         if not adapter_layers(self.trainable_modules()):
-            self._reference_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+            (trained,) = self.trainable_modules().values()
+            self._reference_copy = copy.deepcopy(trained).requires_grad_(False).eval()
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """Compute with the pretrained denoiser: LoRA adapters disabled, or the frozen copy."""
+        """Compute with the pretrained weights of what trains (the denoiser, or the ControlNet): LoRA adapters
+        disabled, or the frozen copy."""
         if self._reference_copy is None:
             with adapters_disabled(self.trainable_modules()):
                 yield
@@ -431,6 +513,8 @@ class DiffusionGenerator:
         guidance_scale: float,
         expanded: PromptEmbeds | None = None,
         expansion_scale: float = 0.0,
+        control: torch.Tensor | None = None,
+        control_scale: float = 1.0,
     ) -> torch.Tensor:
         """Guided denoiser output ε̂ = ε(∅) + w1·(ε(c) − ε(∅)) + w2·(ε(ĉ) − ε(∅)), in one batched call.
 
@@ -442,6 +526,8 @@ class DiffusionGenerator:
             latents: [B, C, h, w]; timesteps: [B] (samples may be at different timesteps).
             cond, uncond, expanded: text c, the negative/empty text ∅, the expansion ĉ ([B, L, D] embeddings).
             guidance_scale: w1; expansion_scale: w2.
+            control: [B, 3, H, W] control images in [0, 1] (with a ControlNet), the same for every branch, as
+                StableDiffusionControlNetPipeline feeds them; control_scale multiplies the ControlNet residuals.
         Returns:
             [B, C, h, w] in the denoiser's output dtype.
         """
@@ -450,10 +536,11 @@ class DiffusionGenerator:
         if not branches:
             raise ValueError("predict needs at least one of cond, uncond and expanded")
         if len(branches) == 1:
-            return self._call_denoiser(latents, timesteps, branches[0][1])
+            return self._call_denoiser(latents, timesteps, branches[0][1], control, control_scale)
         n = len(branches)
         out = self._call_denoiser(torch.cat([latents] * n), torch.cat([timesteps] * n),
-                                  PromptEmbeds.cat([text for _, text in branches]))
+                                  PromptEmbeds.cat([text for _, text in branches]),
+                                  None if control is None else torch.cat([control] * n), control_scale)
         outs = dict(zip((name for name, _ in branches), out.chunk(n)))
         if "uncond" not in outs:
             raise ValueError("guidance with two conditional branches needs the unconditional one (uncond)")
@@ -463,6 +550,13 @@ class DiffusionGenerator:
         if "expanded" in outs:
             guided = guided + expansion_scale * (outs["expanded"] - outs["uncond"])
         return guided
+
+    def _guided(self, latents: torch.Tensor, timesteps: torch.Tensor, branches: _Branches,
+                options: SamplingOptions) -> torch.Tensor:
+        """`predict` with the guidance and control settings of `options`."""
+        return self.predict(latents, timesteps, branches.cond, branches.uncond, options.guidance_scale,
+                            branches.expanded, getattr(options, "expansion_guidance_scale", 0.0),
+                            branches.control, getattr(options, "controlnet_conditioning_scale", 1.0))
 
     def denoising_error(self, trajectory: Trajectory, seeds: Sequence[int]) -> torch.Tensor:
         """The denoiser's training error on each trajectory's final sample, at a timestep and noise drawn from the
@@ -501,9 +595,9 @@ class DiffusionGenerator:
         """
         latents, noise = latents.to(self.device), noise.to(self.device)
         timesteps = timesteps.to(self.device).long()
-        cond = PromptEmbeds.from_conditioning({k: v.to(self.device) for k, v in conditioning.items()})
+        branches = _Branches.from_conditioning({k: v.to(self.device) for k, v in conditioning.items()})
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.predict(noisy.to(self.dtype), timesteps, cond, None, 1.0)
+        prediction = self.predict(noisy.to(self.dtype), timesteps, branches.cond, None, 1.0, control=branches.control)
         kind = self.scheduler.config.prediction_type
         if kind == "epsilon":
             target = noise
@@ -516,16 +610,36 @@ class DiffusionGenerator:
     def _denoiser_forward(self) -> torch.nn.Module:
         """The module a forward pass goes through: the frozen copy inside `reference()` under full fine-tuning,
         else the distributed wrapper once a trainer prepared one, else the denoiser itself."""
-        if self._in_reference:
+        if self._in_reference and self.controlnet is None:
             return self._reference_copy
         return self._forward or self.denoiser
 
-    def _call_denoiser(self, latents: torch.Tensor, timesteps: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
+    def _controlnet_forward(self) -> torch.nn.Module:
+        """The same choice for the ControlNet (what trains when one is attached)."""
+        if self._in_reference:
+            return self._reference_copy
+        return self._control_forward or self.controlnet
+
+    def _call_denoiser(self, latents: torch.Tensor, timesteps: torch.Tensor, text: PromptEmbeds,
+                       control: torch.Tensor | None = None, control_scale: float = 1.0) -> torch.Tensor:
         added = None
         if text.pooled is not None:
             added = {"text_embeds": text.pooled, "time_ids": text.time_ids}
         mask = text.attention_mask if self.use_encoder_attention_mask else None
         forward = self._denoiser_forward()
+        residuals = {}
+        if self.controlnet is not None:
+            if control is None:
+                raise ValueError("this model has a ControlNet; every denoiser call needs the control images")
+            down, mid = self._controlnet_forward()(
+                latents,
+                timesteps,
+                encoder_hidden_states=text.embeds,
+                controlnet_cond=control.to(latents.dtype),
+                conditioning_scale=control_scale,
+                return_dict=False,
+            )
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         if isinstance(self.denoiser, UNet2DConditionModel):
             return forward(
                 latents,
@@ -534,6 +648,7 @@ class DiffusionGenerator:
                 encoder_attention_mask=mask,
                 added_cond_kwargs=added,
                 return_dict=False,
+                **residuals,
             )[0]
         # 2-D transformer denoisers (DiT/PixArt-style): a learned-variance head doubles the channels;
         # the DDIM/DDPM policy uses only the mean prediction, as diffusers' PixArt pipeline does.
@@ -550,11 +665,8 @@ class DiffusionGenerator:
         return out
 
     # ------------------------------------------------------------------ sampling
-    def _prepare(
-        self, conditions: Conditions, options: SamplingOptions
-    ) -> tuple[int, int, PromptEmbeds, PromptEmbeds | None, PromptEmbeds | None, StepSchedule]:
-        """(height, width, embeddings of c, of ∅ (None without guidance), of the expansions ĉ (None without
-        original-prompt-centred guidance), the step schedule)."""
+    def _prepare(self, conditions: Conditions, options: SamplingOptions) -> tuple[int, int, _Branches, StepSchedule]:
+        """(height, width, the branches every denoiser call is conditioned on, the step schedule)."""
         prompts = conditions.texts
         if len(prompts) == 0:
             raise ValueError("no prompts to sample from; pass at least one prompt")
@@ -568,14 +680,15 @@ class DiffusionGenerator:
                              "ignored; set expansion_guidance_scale (Parrot: 5) for original-prompt-centred guidance, "
                              "or pass the expansions as the texts to condition on them alone")
         height, width = self.output_size(options)
-        cond = self.encode_prompts(prompts, height, width)
-        uncond = expanded = None
+        control = conditions.tensors.get(CONTROL_KEY)
+        check_control_image(control, len(prompts), height, width, self.controlnet is not None)
+        branches = _Branches(self.encode_prompts(prompts, height, width),
+                             control=None if control is None else control.to(self.device, self.dtype))
         if w2 != 0:
-            expanded = self.encode_prompts(conditions.expanded_texts, height, width)
-            uncond = self.negative_embeds(len(prompts), height, width, options.negative_prompt)
-        elif options.guidance_scale > 1.0:
-            uncond = self.negative_embeds(len(prompts), height, width, options.negative_prompt)
-        return height, width, cond, uncond, expanded, self.schedule(options)
+            branches.expanded = self.encode_prompts(conditions.expanded_texts, height, width)
+        if w2 != 0 or options.guidance_scale > 1.0:
+            branches.uncond = self.negative_embeds(len(prompts), height, width, options.negative_prompt)
+        return height, width, branches, self.schedule(options)
 
     def output_size(self, options: SamplingOptions) -> tuple[int, int]:
         """(height, width) in pixels of what these options sample (the VAE's input size)."""
@@ -638,8 +751,7 @@ class DiffusionGenerator:
             ])
 
         prompts = conditions.texts
-        height, width, cond, uncond, expanded, schedule = self._prepare(conditions, options)
-        w2 = getattr(options, "expansion_guidance_scale", 0.0)
+        height, width, branches, schedule = self._prepare(conditions, options)
         latents = self.initial_noise(len(prompts), height, width, generator)
         states, log_probs = [latents], []
         steps = range(schedule.num_steps)
@@ -650,7 +762,7 @@ class DiffusionGenerator:
         for i in steps:
             step_index = torch.full((len(prompts),), i, dtype=torch.long)
             t = schedule.timesteps[i].to(self.device).expand(len(prompts))
-            model_output = self.predict(latents, t, cond, uncond, options.guidance_scale, expanded, w2)
+            model_output = self._guided(latents, t, branches, options)
             mean, std = step_mean(schedule, model_output, latents, step_index)
             next_latents = mean
             if schedule.std[i] > 0:
@@ -668,11 +780,7 @@ class DiffusionGenerator:
                 states.append(latents)
         trajectory = None
         if return_trajectory:
-            conditioning = cond.as_conditioning()
-            if uncond is not None:
-                conditioning.update(uncond.as_conditioning("uncond_"))
-            if expanded is not None:
-                conditioning.update(expanded.as_conditioning("expanded_"))
+            conditioning = branches.as_conditioning()
             trajectory = Trajectory(
                 states=torch.stack(states, dim=1),
                 log_probs=torch.stack(log_probs, dim=1),
@@ -727,11 +835,7 @@ class DiffusionGenerator:
         x_next = states[batch, idx + 1].to(self.device)
         t = schedule.timesteps[idx.cpu()].to(self.device)
         conditioning = {name: v.to(self.device) for name, v in trajectory.conditioning.items()}
-        cond = PromptEmbeds.from_conditioning(conditioning)
-        uncond = PromptEmbeds.from_conditioning(conditioning, "uncond_")
-        expanded = PromptEmbeds.from_conditioning(conditioning, "expanded_")
-        model_output = self.predict(x_t, t, cond, uncond, options.guidance_scale, expanded,
-                                    getattr(options, "expansion_guidance_scale", 0.0))
+        model_output = self._guided(x_t, t, _Branches.from_conditioning(conditioning), options)
         mean, std = step_mean(schedule, model_output, x_t, idx)
         log_prob = gaussian_log_prob(x_next, mean, std, options.log_prob_reduction)
         return (log_prob, mean, std) if return_mean else log_prob
@@ -771,8 +875,7 @@ class DiffusionGenerator:
         if seeds is not None:
             generator = per_sample_generators(seeds, len(conditions))
         prompts = conditions.texts
-        height, width, cond, uncond, expanded, schedule = self._prepare(conditions, options)
-        w2 = getattr(options, "expansion_guidance_scale", 0.0)
+        height, width, branches, schedule = self._prepare(conditions, options)
         T = schedule.num_steps
         if not 1 <= grad_steps <= T:
             raise ValueError(f"grad_steps must be between 1 and num_inference_steps={T}, got {grad_steps}")
@@ -781,7 +884,7 @@ class DiffusionGenerator:
 
         def one_step(x: torch.Tensor, i: int, noise: torch.Tensor | None) -> torch.Tensor:
             t = schedule.timesteps[i].to(self.device).expand(x.shape[0])
-            out = self.predict(x, t, cond, uncond, options.guidance_scale, expanded, w2)
+            out = self._guided(x, t, branches, options)
             mean, std = step_mean(schedule, out, x, torch.full((x.shape[0],), i, dtype=torch.long))
             return mean if noise is None else mean + std * noise.to(mean.dtype)
 
@@ -798,10 +901,10 @@ class DiffusionGenerator:
                 latents = one_step(latents, i, noise)
 
         if lv_rounds > 0:
-            if expanded is not None:
+            if branches.expanded is not None:
                 raise ValueError("DRaFT-LV (lv_rounds > 0) does not support original-prompt-centred guidance; "
                                  "sample with expansion_guidance_scale=0")
-            latents = self._lv_denoise(latents.detach(), schedule, cond, uncond, options, lv_rounds, generator)
+            latents = self._lv_denoise(latents.detach(), schedule, branches, options, lv_rounds, generator)
             conditions = Conditions.cat([conditions] * lv_rounds)
         def decode(x: torch.Tensor) -> torch.Tensor:
             return self.outputs_from_latents(x, options)
@@ -816,8 +919,7 @@ class DiffusionGenerator:
         self,
         x0: torch.Tensor,
         schedule: StepSchedule,
-        cond: PromptEmbeds,
-        uncond: PromptEmbeds | None,
+        branches: _Branches,
         options: SamplingOptions,
         rounds: int,
         generator: GeneratorArg,
@@ -830,7 +932,7 @@ class DiffusionGenerator:
         for _ in range(rounds):
             eps = randn_tensor(x0.shape, generator=generator, device=self.device, dtype=self.dtype).to(alpha.dtype)
             x_t = alpha.sqrt() * x0.to(alpha.dtype) + (1 - alpha).sqrt() * eps
-            out = self.predict(x_t.to(self.dtype), t.expand(x0.shape[0]), cond, uncond, options.guidance_scale)
+            out = self._guided(x_t.to(self.dtype), t.expand(x0.shape[0]), branches, options)
             x0_hat, _ = predicted_x0_and_eps(out.to(alpha.dtype), x_t, alpha, schedule.prediction_type)
             estimates.append(x0_hat)
         return torch.cat(estimates)
