@@ -37,6 +37,8 @@ class ModelConfig:
     revision: str | None = None
     scheduler: Literal["ddim", "ddpm"] | None = None
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    # Diffusion models only: attach a ControlNet, "unet" (initialised from the UNet) or a folder / hub id.
+    controlnet: str | None = None
 
 
 @dataclass
@@ -122,6 +124,12 @@ def build_generator(config: ModelConfig) -> Generator:
     """The configured model, loaded through its family's `from_pretrained`."""
     family = detect_family(config.pretrained) if config.family == "auto" else config.family
     cls = generator_class(family)
+    if family == "diffusion" and config.controlnet is not None:
+        return cls.from_pretrained(config.pretrained, torch_dtype=_DTYPES[config.dtype], revision=config.revision,
+                                   scheduler=config.scheduler, controlnet=config.controlnet)
+    if config.controlnet is not None:
+        raise ConfigError(f"model.controlnet applies to diffusion (text-to-image) models only; remove it for a "
+                          f"{family} model")
     if family in ("diffusion", "audio"):
         return cls.from_pretrained(config.pretrained, torch_dtype=_DTYPES[config.dtype], revision=config.revision,
                                    scheduler=config.scheduler)
@@ -437,9 +445,17 @@ class Pipeline:
     use your own instead of building them from the config.
     """
 
+    takes_prompts = True  # False: the method's data brings its own captions (prompts.* must stay empty)
+
     def __init__(self, config: PipelineConfig, generator: Generator | None = None, reward=None):
         self.config = config
-        self.prompts, self.eval_prompts = load_prompts(config.prompts)
+        if self.takes_prompts:
+            self.prompts, self.eval_prompts = load_prompts(config.prompts)
+        elif config.prompts != PromptConfig():
+            raise ConfigError(f"the {config.pipeline} pipeline trains on its data's captions; remove the prompts "
+                              "section (set data.* instead)")
+        else:
+            self.prompts, self.eval_prompts = [], []
         self.generator = generator or build_generator(config.model)
         self.options = config.sampling.options(self.generator)
         self.reward = reward or build_reward(config.reward)

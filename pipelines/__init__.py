@@ -8,6 +8,7 @@ import importlib
 from genalign.config import ConfigError
 
 PIPELINES: dict[str, str] = {
+    "ctrl_u": "pipelines.ctrl_u:CtrlUPipeline",
     "ddpo": "pipelines.ddpo:DDPOPipeline",
     "draft": "pipelines.draft:DRaFTPipeline",
     "dragon": "pipelines.dragon:DRAGONPipeline",

@@ -152,6 +152,22 @@ class SamplingOptions:
 
 
 @dataclass
+class NoisedPrediction:
+    """The denoiser's one-step prediction on noised training data (what data-driven objectives such as the
+    ControlNet loss and Ctrl-U's reward loss are built from); both fields are differentiable.
+
+    Attributes:
+        loss: [B] float32, the ordinary diffusion training loss per sample (mean over elements of the squared
+            error against the ε or v target).
+        outputs: [B, 3, H, W] in [0, 1], the one-step estimate x̂_0 decoded (what a reward model reads), or None
+            when not asked for.
+    """
+
+    loss: torch.Tensor
+    outputs: torch.Tensor | None
+
+
+@dataclass
 class _TextTower:
     tokenizer: CLIPTokenizer
     encoder: torch.nn.Module
@@ -598,14 +614,74 @@ class DiffusionGenerator:
         branches = _Branches.from_conditioning({k: v.to(self.device) for k, v in conditioning.items()})
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         prediction = self.predict(noisy.to(self.dtype), timesteps, branches.cond, None, 1.0, control=branches.control)
+        target = self._training_target(latents, noise, timesteps)
+        return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+    def _training_target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is trained to output for `clean` noised with `noise`: ε, or the velocity v."""
         kind = self.scheduler.config.prediction_type
         if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = self.scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"denoising_error supports epsilon and v_prediction models, not {kind!r}")
-        return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(clean, noise, timesteps)
+        raise ValueError(f"training on data supports epsilon and v_prediction models, not {kind!r}")
+
+    # ------------------------------------------------------------------ training on data
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] → clean latents [B, C, h, w] as diffusers' training scripts make them: a
+        VAE posterior sample (the mean when no `seeds` are given), scaled by the VAE's scaling factor."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode expects images [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+        posterior = self.vae.encode(images.to(self.device, self.vae.dtype) * 2 - 1).latent_dist
+        latents = posterior.mode() if seeds is None else posterior.sample(per_sample_generators(seeds, len(images)))
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).to(self.dtype)
+
+    def noised_prediction(
+        self,
+        clean: torch.Tensor,
+        conditions: Conditions | Sequence[str],
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        *,
+        decode: bool | torch.Tensor = True,
+    ) -> NoisedPrediction:
+        """Noise clean latents to `timesteps` with `noise` (x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε), predict with the current
+        weights conditioned on the texts (and control images) without guidance, and return the training loss and
+        the decoded one-step estimate x̂_0 (the scheduler's pred_original_sample).
+
+        Args:
+            clean: [B, C, h, w] latents from `encode`; timesteps: [B] integers in [0, num_train_timesteps);
+            noise: [B, C, h, w] standard normal.
+            decode: whether to decode x̂_0, or a [B] bool mask of the rows to decode (outputs then holds those
+                rows only: a reward that reads only some of them need not pay for decoding the rest).
+        """
+        conditions = Conditions.coerce(conditions)
+        clean, noise = clean.to(self.device), noise.to(self.device)
+        timesteps = timesteps.to(self.device).long()
+        height, width = clean.shape[-2] * self.vae_scale_factor, clean.shape[-1] * self.vae_scale_factor
+        control = conditions.tensors.get(CONTROL_KEY)
+        check_control_image(control, len(conditions), height, width, self.controlnet is not None)
+        cond = self.encode_prompts(conditions.texts, height, width)
+        noisy = self.scheduler.add_noise(clean, noise, timesteps).to(self.dtype)
+        prediction = self.predict(noisy, timesteps, cond, None, 1.0,
+                                  control=None if control is None else control.to(self.device, self.dtype))
+        target = self._training_target(clean, noise, timesteps)
+        loss = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+        outputs = None
+        rows = torch.ones(len(clean), dtype=torch.bool) if decode is True else torch.as_tensor(decode, dtype=torch.bool)
+        if decode is not False and bool(rows.any()):
+            rows = rows.to(self.device)
+            alpha = self.scheduler.alphas_cumprod.to(self.device)[timesteps[rows]].view(-1, 1, 1, 1).double()
+            x0, _ = predicted_x0_and_eps(prediction[rows].double(), noisy[rows].double(), alpha,
+                                         self.scheduler.config.prediction_type)
+            outputs = self.decode(x0.to(self.dtype))
+        return NoisedPrediction(loss=loss, outputs=outputs)
 
     def _denoiser_forward(self) -> torch.nn.Module:
         """The module a forward pass goes through: the frozen copy inside `reference()` under full fine-tuning,

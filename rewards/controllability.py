@@ -1,0 +1,167 @@
+"""Dense rewards for controllable generation: a frozen model predicts the control condition back from an image.
+
+A *condition type* knows the per-pixel math of one kind of control (segmentation, edges, depth): how far a
+prediction is from the target condition per pixel (what Ctrl-U's reward loss averages), how much two
+predictions disagree per pixel (Ctrl-U's uncertainty U), and the per-image controllability metric the papers
+report (mIoU, SSIM, RMSE). `ConditionReward` pairs a predictor network with a condition type: `predict(images)`
+gives the dense prediction (per-pixel logits or maps) and calling it scores each image against its own target
+condition, so it also works wherever a `[B]` reward is expected.
+
+Shapes (B images of H × W):
+    segmentation: prediction logits [B, C, H, W]; target long [B, H, W] class indices (`IGNORE_INDEX`: unlabelled)
+    edges:        prediction probabilities [B, 1, H, W] in [0, 1]; target [B, 1, H, W] in [0, 1]
+    depth:        prediction [B, 1, H, W] (any positive scale); target [B, 1, H, W]
+
+Real users plug in public models (e.g. a transformers segmentation or depth model) by wrapping them in a
+module with this `forward(images) -> prediction`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .base import Reward, RewardError
+
+IGNORE_INDEX = 255  # segmentation pixels without a label (ADE20K's convention)
+_EPS = 1e-6
+
+
+class ConditionType:
+    """The per-pixel math of one kind of control condition; see the module docstring for shapes."""
+
+    name: str = ""
+
+    def uncertainty(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """[B, H, W] ≥ 0: how much two predictions of the same image's condition disagree, per pixel."""
+        raise NotImplementedError
+
+    def pixel_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, H, W] per-pixel loss of the prediction against the target, [B, H, W] bool: pixels that count)."""
+        raise NotImplementedError
+
+    def controllability(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """[B] per-image agreement, higher is better (mIoU, SSIM, or −RMSE on the 0–255 scale)."""
+        raise NotImplementedError
+
+    def check(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        if prediction.shape[0] != target.shape[0] or prediction.shape[-2:] != target.shape[-2:]:
+            raise RewardError(f"{self.name} prediction {tuple(prediction.shape)} and target {tuple(target.shape)} "
+                              "differ in batch or size; predict at the target's resolution")
+
+
+class Segmentation(ConditionType):
+    """Class-index maps. U = Σ_classes KL(softmax ĉ2 ‖ softmax ĉ1) per pixel; loss = cross-entropy."""
+
+    name = "segmentation"
+
+    def uncertainty(self, first, second):
+        log_p1, log_p2 = F.log_softmax(first.float(), dim=1), F.log_softmax(second.float(), dim=1)
+        return (log_p2.exp() * (log_p2 - log_p1)).sum(dim=1)
+
+    def pixel_loss(self, prediction, target):
+        self.check(prediction, target)
+        target = target.long()
+        loss = F.cross_entropy(prediction.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+        return loss, target != IGNORE_INDEX
+
+    def controllability(self, prediction, target):
+        """Mean IoU over the classes present in the prediction or the target of each image (labelled pixels)."""
+        self.check(prediction, target)
+        predicted = prediction.argmax(dim=1)
+        labelled = target != IGNORE_INDEX
+        scores = []
+        for b in range(len(target)):
+            p, t = predicted[b][labelled[b]], target[b][labelled[b]]
+            classes = torch.unique(torch.cat([p, t]))
+            ious = [((p == c) & (t == c)).sum() / ((p == c) | (t == c)).sum() for c in classes]
+            scores.append(torch.stack(ious).float().mean() if ious else torch.ones((), device=target.device))
+        return torch.stack(scores)
+
+
+class _Map(ConditionType):
+    """One-channel maps compared pixel by pixel: U = |m̂1 − m̂2|, loss = (m̂ − c)²."""
+
+    def normalise(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps.float()
+
+    def uncertainty(self, first, second):
+        return (self.normalise(first) - self.normalise(second)).abs()[:, 0]
+
+    def pixel_loss(self, prediction, target):
+        self.check(prediction, target)
+        loss = (self.normalise(prediction) - self.normalise(target)).pow(2)[:, 0]
+        return loss, torch.ones_like(loss, dtype=torch.bool)
+
+
+class Edges(_Map):
+    """Edge-probability maps in [0, 1] (HED, line art, or the shapes world's edges); controllability is SSIM."""
+
+    name = "edges"
+
+    def controllability(self, prediction, target):
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        self.check(prediction, target)
+        return structural_similarity_index_measure(prediction.float().clamp(0, 1), target.float(), data_range=1.0,
+                                                   reduction="none")
+
+
+class Depth(_Map):
+    """Depth maps, each divided by its own maximum first (relative depth, as monocular depth models predict);
+    controllability is −RMSE on the 0–255 scale of the normalised maps (the paper's RMSE, negated)."""
+
+    name = "depth"
+
+    def normalise(self, maps):
+        maps = maps.float()
+        return maps / maps.flatten(1).amax(dim=1).clamp_min(_EPS).view(-1, 1, 1, 1)
+
+    def controllability(self, prediction, target):
+        self.check(prediction, target)
+        error = (self.normalise(prediction) - self.normalise(target)) * 255.0
+        return -error.pow(2).flatten(1).mean(dim=1).sqrt()
+
+
+CONDITION_TYPES: dict[str, Callable[[], ConditionType]] = {"segmentation": Segmentation, "edges": Edges,
+                                                            "depth": Depth}
+
+
+def condition_type(name: str) -> ConditionType:
+    if name not in CONDITION_TYPES:
+        raise RewardError(f"unknown condition type {name!r}; known: {sorted(CONDITION_TYPES)}")
+    return CONDITION_TYPES[name]()
+
+
+class ConditionReward(Reward):
+    """A frozen condition predictor as a reward: `predict(images)` → the dense prediction; calling it with one
+    target condition per image gives that image's controllability ([B], higher is better).
+
+    Args:
+        predictor: a module mapping images [B, 3, H, W] in [0, 1] to the condition type's prediction.
+        condition: "segmentation", "edges" or "depth" (or a `ConditionType`).
+    """
+
+    name = "controllability"
+    modality = "image"
+    kind = "instance"
+    differentiable = True
+
+    def __init__(self, predictor: torch.nn.Module, condition: str | ConditionType) -> None:
+        super().__init__()
+        self.condition = condition_type(condition) if isinstance(condition, str) else condition
+        self.predictor = predictor.eval().requires_grad_(False)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """The dense prediction of each image's condition (differentiable w.r.t. the images)."""
+        self.validate_outputs(images)
+        return self.predictor(images.to(next(self.predictor.parameters()).device))
+
+    def score(self, images: torch.Tensor, conditions: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        if conditions is None:
+            raise RewardError(f"'{self.name}' scores each image against its target {self.condition.name} "
+                              "condition; pass one target tensor per image as the conditions")
+        target = torch.stack([torch.as_tensor(c) for c in conditions]).to(images.device)
+        return self.condition.controllability(self.predictor(images), target).to(images.device)

@@ -1,0 +1,217 @@
+"""Ctrl-U: the uncertainty and weighted reward loss against hand computations for every condition type, the t_max
+mask and the ramp, what trains, and the run's save/load."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genalign.config import ConfigError, build_config
+from genalign.control_data import ControlExamples
+from genalign.generators.diffusion import DiffusionGenerator
+from genalign.trainer import load_trained_weights
+from pipelines.ctrl_u import CtrlUConfig, CtrlUPipeline, ctrl_u_loss, reward_ramp
+from rewards.controllability import IGNORE_INDEX, ConditionReward, Depth, Edges, Segmentation
+
+CLASSES = 3
+
+
+class RandomControlData:
+    """Seeded random examples: what matters here is the loss plumbing, not the content."""
+
+    condition = "segmentation"
+
+    def size(self, split):
+        return 64 if split == "train" else 8
+
+    def examples(self, indices, split):
+        g = torch.Generator().manual_seed(sum(int(i) * 7919 for i in indices) + (0 if split == "train" else 1))
+        n = len(indices)
+        return ControlExamples(torch.rand(n, 3, 32, 32, generator=g), [f"example {int(i)}" for i in indices],
+                               torch.rand(n, 3, 32, 32, generator=g), torch.randint(CLASSES, (n, 32, 32), generator=g))
+
+
+def _segmenter(seed: int = 0) -> ConditionReward:
+    torch.manual_seed(seed)
+    return ConditionReward(torch.nn.Conv2d(3, CLASSES, 3, padding=1), "segmentation")
+
+
+def _pipeline(model_dir, out_dir, **overrides) -> CtrlUPipeline:
+    data = {
+        "model": {"pretrained": str(model_dir), "controlnet": "unet"},
+        "condition": "segmentation",
+        "sampling": {"num_inference_steps": 2, "guidance_scale": 1.0, "batch_size": 8},
+        "trainer": {"output_dir": str(out_dir), "learning_rate": 1e-3, "progress": False, "checkpoint_every": 1,
+                    "lora": {"enabled": False}},
+        "eval": {"every": 100},
+        "epochs": 1, "batch_size": 4, "train_batch_size": 2, "eval_examples": 2,
+        "max_reward_timestep": 999, "ramp_updates": 0, "reward_weight": 0.5, "uncertainty_weight": 0.3,
+        "uncertainty_scale": 2.0,
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    return CtrlUPipeline(build_config(CtrlUConfig, data), reward=_segmenter(), evaluation_reward=_segmenter(1),
+                         data=RandomControlData())
+
+
+# ----------------------------------------------------------------------------- exact loss, per condition type
+
+
+def test_segmentation_uncertainty_and_weighted_loss_equal_a_hand_computation():
+    """U = u_scale · Σ_c p2·log(p2/p1) per pixel; loss = mean over labelled pixels of exp(−U)·(−log p1[target]).
+    Fails with the KL's direction swapped, a missing u_scale, unlabelled pixels counted, or exp(+U)."""
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randn(2, CLASSES, 2, 3, generator=g), torch.randn(2, CLASSES, 2, 3, generator=g)
+    target = torch.randint(CLASSES, (2, 2, 3), generator=g)
+    target[0, 0, 0] = IGNORE_INDEX
+    loss, uncertainty = ctrl_u_loss(Segmentation(), first, second, target, use_uncertainty=True, uncertainty_scale=2.0)
+    for b in range(2):
+        total, count = 0.0, 0
+        for y in range(2):
+            for x in range(3):
+                p1 = [math.exp(v) for v in first[b, :, y, x].tolist()]
+                p2 = [math.exp(v) for v in second[b, :, y, x].tolist()]
+                p1 = [v / sum(p1) for v in p1]
+                p2 = [v / sum(p2) for v in p2]
+                u = 2.0 * sum(q * math.log(q / p) for p, q in zip(p1, p2))
+                assert uncertainty[b, y, x].item() == pytest.approx(u, rel=1e-5)
+                if target[b, y, x] != IGNORE_INDEX:
+                    total += math.exp(-u) * -math.log(p1[int(target[b, y, x])])
+                    count += 1
+        assert loss[b].item() == pytest.approx(total / count, rel=1e-5)
+    plain, zero = ctrl_u_loss(Segmentation(), first, second, target, use_uncertainty=False, uncertainty_scale=2.0)
+    assert torch.equal(zero, torch.zeros_like(zero))
+    ce = torch.nn.functional.cross_entropy(first, target, ignore_index=IGNORE_INDEX, reduction="none")
+    assert plain[1].item() == pytest.approx(ce[1].mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("condition", [Edges(), Depth()])
+def test_map_uncertainty_and_weighted_loss_equal_a_hand_computation(condition):
+    """Edges: U = |ê1 − ê2|, loss = mean exp(−U)·(ê1 − c)²; depth: the same on maps divided by each one's own
+    maximum. Fails without depth's per-image normalisation, with a squared U, or with the target unnormalised."""
+    g = torch.Generator().manual_seed(1)
+    first, second, target = (torch.rand(2, 1, 2, 2, generator=g) + 0.1 for _ in range(3))
+    loss, uncertainty = ctrl_u_loss(condition, first, second, target, use_uncertainty=True, uncertainty_scale=0.5)
+    for b in range(2):
+        def norm(m):
+            values = m[b, 0].flatten().tolist()
+            top = max(values) if isinstance(condition, Depth) else 1.0
+            return [v / top for v in values]
+
+        e1, e2, c = norm(first), norm(second), norm(target)
+        u = [0.5 * abs(a - b_) for a, b_ in zip(e1, e2)]
+        assert uncertainty[b].flatten().tolist() == pytest.approx(u, rel=1e-5)
+        expected = sum(math.exp(-ui) * (a - ci) ** 2 for ui, a, ci in zip(u, e1, c)) / 4
+        assert loss[b].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_controllability_metrics_equal_hand_computations():
+    """mIoU over the classes present; SSIM 1 for identical maps; depth −RMSE on the 0–255 scale of max-normalised
+    maps. Fails with IoU averaged over absent classes, SSIM's data range wrong, or RMSE not on the 255 scale."""
+    target = torch.tensor([[[0, 0], [1, 1]]])
+    logits = torch.zeros(1, CLASSES, 2, 2)
+    logits[0, 0, 0, :] = logits[0, 0, 1, 0] = logits[0, 1, 1, 1] = 5.0  # predicts [[0, 0], [0, 1]]
+    # class 0: |pred ∩ target| = 2, |pred ∪ target| = 3; class 1: 1 / 2
+    assert Segmentation().controllability(logits, target).item() == pytest.approx((2 / 3 + 1 / 2) / 2)
+    edges = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    same = Edges().controllability(edges, edges)
+    assert torch.allclose(same, torch.ones(2), atol=1e-5)
+    assert (Edges().controllability((edges + 0.3).clamp(0, 1), edges) < 0.99).all()
+    depth = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    guess = torch.tensor([[[[2.0, 2.0], [2.0, 2.0]]]])  # normalised: all 1; target normalised: .25 .5 .75 1
+    rmse = math.sqrt(sum(((1 - v) * 255) ** 2 for v in (0.25, 0.5, 0.75, 1.0)) / 4)
+    assert Depth().controllability(guess, depth).item() == pytest.approx(-rmse, rel=1e-6)
+
+
+def test_the_ramp():
+    """min(1, updates / ramp_updates), and no ramp at 0. Fails with an off-by-one or a ramp that overshoots 1."""
+    assert [reward_ramp(u, 4) for u in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert reward_ramp(0, 0) == 1.0
+
+
+# ----------------------------------------------------------------------------- the pipeline's step
+
+
+def test_the_step_loss_composes_the_terms_and_the_reward_term_is_zero_above_t_max(tiny_sd_dir, tmp_path):
+    """The micro-batch loss equals L_diff + λ_rew·ramp·L_rew + λ_u·mean(U) recomputed independently from the
+    generator and the reward model; with t_max = 0 no example is rewarded and the loss is L_diff alone, and the
+    ControlNet++-style baseline drops the U terms. Fails if the copies do not share noise, t2 ≠ t + 1, the mask
+    is ignored, or U leaks into the baseline."""
+    pipe = _pipeline(tiny_sd_dir, tmp_path / "a")
+    trainer, _, _ = pipe.start_training(accumulation_steps=1, total_updates=1)
+    plan = pipe.epoch_plan(trainer, 0, 4, 1)
+    rows = plan.local[:2]
+    loss, stats = pipe.loss(trainer, plan, rows)
+    assert stats["rewarded_fraction"] == 1.0
+
+    examples = pipe.data.examples(plan.prompt_index[rows].tolist(), "train")
+    seeds = [int(s) for s in plan.seeds[rows]]
+    clean = pipe.generator.encode(examples.samples, seeds=seeds)
+    draws = [torch.Generator().manual_seed(s + 1) for s in seeds]
+    t = torch.cat([torch.randint(1000, (1,), generator=g) for g in draws])
+    noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in draws])
+    at_t = pipe.generator.noised_prediction(clean, examples.conditions(), t, noise)
+    at_t2 = pipe.generator.noised_prediction(clean, examples.conditions(), (t + 1).clamp(max=999), noise)
+    first, second = pipe.reward.predict(at_t.outputs), pipe.reward.predict(at_t2.outputs)
+    per_example, u = ctrl_u_loss(Segmentation(), first, second, examples.target, use_uncertainty=True,
+                                 uncertainty_scale=2.0)
+    expected = (torch.cat([at_t.loss, at_t2.loss]).mean() + 0.5 * per_example.mean() + 0.3 * u.mean())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["reward_loss"] == pytest.approx(per_example.mean().item(), rel=1e-5)
+
+    pipe.config.max_reward_timestep = 0
+    loss, stats = pipe.loss(trainer, plan, rows)
+    assert stats["rewarded_fraction"] == 0.0 and stats["reward_loss"] == 0.0 and stats["uncertainty_mean"] == 0.0
+    assert loss.item() == pytest.approx(stats["diffusion_loss"], rel=1e-6)
+
+    pipe.config.max_reward_timestep, pipe.config.uncertainty = 999, False
+    loss, stats = pipe.loss(trainer, plan, rows)
+    plain, _ = ctrl_u_loss(Segmentation(), first, second, examples.target, use_uncertainty=False,
+                           uncertainty_scale=2.0)
+    assert stats["uncertainty_mean"] == 0.0
+    assert loss.item() == pytest.approx(stats["diffusion_loss"] + 0.5 * plain.mean().item(), rel=1e-5)
+
+
+def test_after_a_step_only_the_controlnet_changed_and_the_run_loads_back(tiny_sd_dir, tmp_path):
+    """One update: the ControlNet's weights moved, the UNet, VAE and text encoder are bit-for-bit unchanged; the
+    checkpoint loaded into a fresh generator samples what the trained one samples. Fails if the UNet were
+    trainable (the engine's default for a diffusion model) or the ControlNet's weights were not saved."""
+    pipe = _pipeline(tiny_sd_dir, tmp_path / "run")
+    frozen = {name: {k: v.clone() for k, v in module.state_dict().items()}
+              for name, module in (("unet", pipe.generator.denoiser), ("vae", pipe.generator.vae),
+                                   ("text_encoder", pipe.generator.text_encoder))}
+    control_before = {k: v.clone() for k, v in pipe.generator.controlnet.state_dict().items()}
+    pipe.train()
+    for name, module in (("unet", pipe.generator.denoiser), ("vae", pipe.generator.vae),
+                         ("text_encoder", pipe.generator.text_encoder)):
+        after = module.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in frozen[name].items()), name
+    after = pipe.generator.controlnet.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in control_before.items())
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000000"
+    assert all(k.startswith("controlnet.") for k in load_file(str(checkpoint / "trainable.safetensors")))
+    fresh = DiffusionGenerator.from_pretrained(tiny_sd_dir, controlnet="unet")
+    load_trained_weights(fresh, pipe.config.trainer, checkpoint)
+    examples = pipe.data.examples([0, 1], "eval")
+    a = pipe.generator.sample(examples.conditions(), pipe.options, seeds=[1, 2]).outputs
+    b = fresh.sample(examples.conditions(), pipe.options, seeds=[1, 2]).outputs
+    assert torch.equal(a, b)
+
+
+def test_bad_setups_are_refused_with_the_fix(tiny_sd_dir, tmp_path):
+    """No ControlNet, a reward model of another condition type, and prompts given to a data-driven pipeline."""
+    with pytest.raises(ConfigError, match="model.controlnet=unet"):
+        CtrlUPipeline(build_config(CtrlUConfig, {"model": {"pretrained": str(tiny_sd_dir)},
+                                                 "trainer": {"output_dir": str(tmp_path / "x")}}),
+                      reward=_segmenter(), data=RandomControlData())
+    with pytest.raises(ConfigError, match="predicts edges but condition is segmentation"):
+        CtrlUPipeline(build_config(CtrlUConfig, {"model": {"pretrained": str(tiny_sd_dir), "controlnet": "unet"},
+                                                 "trainer": {"output_dir": str(tmp_path / "y")}}),
+                      reward=ConditionReward(torch.nn.Conv2d(3, 1, 1), "edges"), data=RandomControlData())
+    with pytest.raises(ConfigError, match="trains on its data's captions"):
+        CtrlUPipeline(build_config(CtrlUConfig, {"model": {"pretrained": str(tiny_sd_dir), "controlnet": "unet"},
+                                                 "prompts": {"prompts": ["a red circle"]},
+                                                 "trainer": {"output_dir": str(tmp_path / "z")}}),
+                      reward=_segmenter(), data=RandomControlData())
