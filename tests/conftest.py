@@ -40,3 +40,30 @@ def fresh_accelerator_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def torchrun():
+    """Run a script on two processes through torch.distributed.run, on a port free now (a fixed port fails when
+    another run on the machine holds it). `check=True` raises with the workers' stderr, which a plain
+    CalledProcessError under capture_output would hide."""
+    import subprocess
+    import sys
+
+    def run(args, *, env, check=True, timeout=600):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *map(str, args)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"two-process run failed (exit {result.returncode}):\n{result.stderr[-6000:]}")
+        return result
+
+    return run

@@ -178,7 +178,7 @@ def test_bad_config_and_prompt_input(tiny_sd_dir, tmp_path):
         DDPOPipeline(tiny_config(tiny_sd_dir, tmp_path, train_batch_size=3), reward=CountingReward()).train()
 
 
-def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
+def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun):
     """Same global batch and seed, 1 vs 2 gloo processes. float64 so that Adam's per-coordinate
     normalisation cannot amplify float32 reduction-order noise (which it does, to ~1e-3 after 4 updates)."""
     worker = ROOT / "tests" / "helpers" / "ddpo_worker.py"
@@ -189,11 +189,7 @@ def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
                  "eval.every=1", "prompts.eval_prompts=[a red circle, a blue square, two green stars]"]
     subprocess.run([sys.executable, str(worker), str(tiny_sd_dir), str(tmp_path / "one"), "train_batch_size=2", *overrides],
                    check=True, env=env, capture_output=True, timeout=600)
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         str(worker), str(tiny_sd_dir), str(tmp_path / "two"), "train_batch_size=1", *overrides],
-        check=True, env=env, capture_output=True, timeout=600,
-    )
+    torchrun([worker, tiny_sd_dir, tmp_path / "two", "train_batch_size=1", *overrides], env=env)
     one, two = _weights(tmp_path / "one", 1), _weights(tmp_path / "two", 1)
     assert one.keys() == two.keys()
     moved = max(float((one[k]).abs().max()) for k in one)

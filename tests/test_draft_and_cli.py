@@ -165,7 +165,7 @@ def test_draft_variants_raise_the_reward(tiny_sd_dir, tmp_path, variant):
         assert set(ks) == {variant.get("grad_steps", 1)}
 
 
-def test_draft_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
+def test_draft_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun):
     import os
     import subprocess
     import sys
@@ -179,9 +179,7 @@ def test_draft_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_p
                  "reward.name=colorfulness", "sampling.eta=0.0", "trainer.lr_schedule=cosine", "trainer.learning_rate=1e-2"]
     subprocess.run([sys.executable, str(worker), "draft", str(tiny_sd_dir), str(tmp_path / "one"), "train_batch_size=2",
                     *overrides], check=True, env=env, capture_output=True, timeout=600)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
-                    str(worker), "draft", str(tiny_sd_dir), str(tmp_path / "two"), "train_batch_size=1", *overrides],
-                   check=True, env=env, capture_output=True, timeout=600)
+    torchrun([worker, "draft", tiny_sd_dir, tmp_path / "two", "train_batch_size=1", *overrides], env=env)
     weights = [load_file(str(tmp_path / run / "checkpoints" / "step_000002" / "trainable.safetensors"))
                for run in ("one", "two")]
     assert max(float(v.abs().max()) for k, v in weights[0].items() if "lora_B" in k) > 0  # training moved B
@@ -242,7 +240,7 @@ def test_bad_numbers_are_one_line_errors_that_leave_no_run_folder(tiny_sd_dir, t
     assert not (tmp_path / "run").exists()
 
 
-def test_a_nan_reward_on_one_of_two_processes_stops_both_with_one_line_and_a_resumable_run(tiny_sd_dir, tmp_path):
+def test_a_nan_reward_on_one_of_two_processes_stops_both_with_one_line_and_a_resumable_run(tiny_sd_dir, tmp_path, torchrun):
     import os
     import subprocess
     import sys
@@ -253,11 +251,7 @@ def test_a_nan_reward_on_one_of_two_processes_stops_both_with_one_line_and_a_res
     config = _write_config(tmp_path, tiny_sd_dir, epochs=3, train_batch_size=2, reward={"name": "test_nan_on_last_process",
                                                                     "kwargs": {"nan_on_call": 3}})
     # Reward calls on each process: 1 = base evaluation, 2 = epoch 0, 3 = epoch 1 (NaN on the last process).
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
-         str(worker), "finetune", "--config", str(config), "trainer.checkpoint_every=1"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = torchrun([worker, "finetune", "--config", config, "trainer.checkpoint_every=1"], env=env, check=False)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("genalign finetune: error:")]
     assert len(ours) == 1 and "NaN for 1 of" in ours[0], result.stderr[-3000:]

@@ -156,12 +156,11 @@ def test_extra_parameter_groups_train_with_their_own_rate_and_tensor_state_is_ch
     assert torch.equal(state["nested"]["stats"], torch.ones(2))
 
 
-def test_extra_parameter_gradients_are_averaged_over_processes(tmp_path):
+def test_extra_parameter_gradients_are_averaged_over_processes(tmp_path, torchrun):
     """Process 0 pushes log Z down (gradient +1), process 1 up (gradient −3): averaged, both step up by the
     learning rate; unsynchronised, they would part ways."""
     worker = ROOT / "tests" / "helpers" / "extra_parameters_worker.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29525",
-                    str(worker), str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
+    torchrun([worker, tmp_path], env=env, timeout=300)
     values = [float((tmp_path / f"log_z_{rank}.txt").read_text()) for rank in (0, 1)]
     assert values == pytest.approx([0.1, 0.1], abs=1e-6)

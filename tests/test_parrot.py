@@ -395,7 +395,7 @@ def test_the_shipped_sd15_path_fp16_cross_attention_lora_pen_ema_and_cosine_sche
         torch.testing.assert_close(saved[key].float(), averaged[key].float(), atol=1e-6, rtol=0)
 
 
-def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
+def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun):
     """Same global batch and seed, 1 vs 2 gloo processes, with the PEN, in float64 (Adam amplifies float32
     reduction-order noise). The Pareto front is read on every process's rewards, the processes hold uneven
     numbers of selected samples (zero-weight passes), and the PEN's gradients are averaged by hand."""
@@ -408,9 +408,7 @@ def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
                  "prompts.eval_prompts=[a red circle, a blue square, two green stars]"]
     subprocess.run([sys.executable, str(worker), "parrot", str(tiny_sd_dir), str(tmp_path / "one"),
                     "train_batch_size=4", *overrides], check=True, env=env, capture_output=True, timeout=600)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-                    str(worker), "parrot", str(tiny_sd_dir), str(tmp_path / "two"), "train_batch_size=1", *overrides],
-                   check=True, env=env, capture_output=True, timeout=600)
+    torchrun([worker, "parrot", tiny_sd_dir, tmp_path / "two", "train_batch_size=1", *overrides], env=env)
     one = load_file(str(tmp_path / "one" / "checkpoints" / "step_000001" / "trainable.safetensors"))
     two = load_file(str(tmp_path / "two" / "checkpoints" / "step_000001" / "trainable.safetensors"))
     assert one.keys() == two.keys()

@@ -284,7 +284,7 @@ def test_bad_config_is_a_clear_error(tiny_sd_dir, tmp_path):
         PRDPPipeline(tiny_config(tiny_sd_dir, tmp_path, **{"sampling.eta": 0.0}), reward=CountingReward()).train()
 
 
-def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
+def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun):
     """Groups are split across processes; the gathered pairs and the gradient scaling must make that invisible."""
     worker = ROOT / "tests" / "helpers" / "pipeline_worker.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -293,11 +293,7 @@ def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path):
              "updates_per_epoch=2", "probe_prompts=2", "clip_range=0.05", "sampling.log_prob_reduction=mean"]
     subprocess.run([sys.executable, str(worker), *common, str(tmp_path / "one"), "train_batch_size=4", *extra],
                    check=True, env=env, capture_output=True)
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-         str(worker), *common, str(tmp_path / "two"), "train_batch_size=2", *extra],
-        check=True, env=env, capture_output=True,
-    )
+    torchrun([worker, *common, tmp_path / "two", "train_batch_size=2", *extra], env=env)
     one, two = _weights(tmp_path / "one", 1), _weights(tmp_path / "two", 1)
     assert max(float(v.abs().max()) for v in one.values()) > 0
     for key in one:

@@ -253,7 +253,10 @@ class AudioDiffusionGenerator(DiffusionGenerator):
         return PromptEmbeds(clap_text_embeddings(self.text_encoder, self.tokenizer, prompts).to(self.dtype))
 
     # ------------------------------------------------------------------ denoiser and decoding
-    def _call_denoiser(self, latents: torch.Tensor, timesteps: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
+    def _call_denoiser(self, latents: torch.Tensor, timesteps: torch.Tensor, text: PromptEmbeds,
+                       control: torch.Tensor | None = None, control_scale: float = 1.0) -> torch.Tensor:
+        if control is not None:
+            raise ValueError("audio models take no control images (ControlNets here are for image models)")
         return self._denoiser_forward()(
             latents, timesteps, encoder_hidden_states=None, class_labels=text.embeds, return_dict=False
         )[0]
