@@ -18,7 +18,7 @@ from .base import (
 )
 
 # Imported for their side effect: registering the built-in rewards.
-from . import audio, audio_aesthetic, clip_rewards, compose, distribution, embedders, ensemble, image, sequence, text  # noqa: E402,F401
+from . import audio, audio_aesthetic, clip_rewards, compose, controllability, distribution, embedders, ensemble, image, sequence, text  # noqa: E402,F401
 
 __all__ = [
     "REWARDS",

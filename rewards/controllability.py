@@ -12,18 +12,22 @@ Shapes (B images of H × W):
     edges:        prediction probabilities [B, 1, H, W] in [0, 1]; target [B, 1, H, W] in [0, 1]
     depth:        prediction [B, 1, H, W] (any positive scale); target [B, 1, H, W]
 
-Real users plug in public models (e.g. a transformers segmentation or depth model) by wrapping them in a
-module with this `forward(images) -> prediction`.
+`load_condition_predictor` turns a name into such a predictor: a folder written by the shapes world's
+`ConditionPredictor.save_pretrained`, or a transformers semantic-segmentation model (e.g. a SegFormer or
+UperNet checkpoint, the paper's choice for ADE20K) or depth-estimation model (e.g. DPT) by folder or hub id,
+wrapped so that it takes images in [0, 1] and predicts at their resolution. Any other module with a
+`forward(images) -> prediction` can be passed to `ConditionReward` directly.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .base import Reward, RewardError
+from .base import Reward, RewardError, register_reward
 
 IGNORE_INDEX = 255  # segmentation pixels without a label (ADE20K's convention)
 _EPS = 1e-6
@@ -135,13 +139,83 @@ def condition_type(name: str) -> ConditionType:
     return CONDITION_TYPES[name]()
 
 
+class TransformersConditionPredictor(torch.nn.Module):
+    """A transformers segmentation or depth model as a condition predictor: images [B, 3, H, W] in [0, 1] are
+    resized to the processor's input size and normalised with its mean and std; the prediction (class logits
+    [B, C, H, W], or depth [B, 1, H, W]) is resized back to H × W bilinearly."""
+
+    def __init__(self, model: torch.nn.Module, condition: str, size: tuple[int, int] | None,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model, self.kind, self.size = model, condition, size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        pixels = images.float()
+        if self.size is not None and tuple(pixels.shape[-2:]) != self.size:
+            pixels = F.interpolate(pixels, size=self.size, mode="bilinear", align_corners=False)
+        pixels = ((pixels - self.mean) / self.std).to(next(self.model.parameters()).dtype)
+        if self.kind == "segmentation":
+            out = self.model(pixel_values=pixels).logits
+        else:
+            out = self.model(pixel_values=pixels).predicted_depth.unsqueeze(1)
+        return F.interpolate(out.float(), size=(height, width), mode="bilinear", align_corners=False)
+
+
+def _processor_size(processor) -> tuple[int, int] | None:
+    size = getattr(processor, "size", None) or getattr(processor, "crop_size", None)
+    if isinstance(size, dict) and "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    if isinstance(size, dict) and "shortest_edge" in size:
+        return int(size["shortest_edge"]), int(size["shortest_edge"])
+    return None
+
+
+def load_condition_predictor(name: str, condition: str | None = None) -> torch.nn.Module:
+    """A frozen condition predictor from a folder or hub id (see the module docstring); `condition` is
+    checked against what the model predicts, or, for transformers models, says which head to load."""
+    folder = Path(name)
+    if (folder / "condition_predictor.json").is_file():
+        from genalign.worlds.shapes_control import ConditionPredictor
+
+        predictor = ConditionPredictor.from_pretrained(folder)
+        if condition is not None and predictor.kind != condition:
+            raise RewardError(f"'{folder}' predicts {predictor.kind} but condition is {condition}; pass that "
+                              f"kind's predictor or set condition: {predictor.kind}")
+        return predictor
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise RewardError(f"'{folder}' holds neither a condition predictor (condition_predictor.json) nor a "
+                          "transformers model (config.json); pass the folder a build or save_pretrained wrote")
+    if condition is None:
+        raise RewardError(f"say which condition '{name}' predicts: condition: segmentation or depth")
+    import transformers
+
+    loaders = {"segmentation": transformers.AutoModelForSemanticSegmentation,
+               "depth": transformers.AutoModelForDepthEstimation}
+    if condition not in loaders:
+        raise RewardError(f"transformers has no {condition} model class; wrap your {condition} model in a module "
+                          "mapping images in [0, 1] to the prediction and pass it to ConditionReward")
+    model = loaders[condition].from_pretrained(name)
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(name)
+        mean, std, size = processor.image_mean, processor.image_std, _processor_size(processor)
+    except (OSError, ValueError):  # a checkpoint without a processor: the ImageNet statistics most use
+        mean, std, size = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None
+    return TransformersConditionPredictor(model.eval(), condition, size, mean, std)
+
+
+@register_reward("controllability")
 class ConditionReward(Reward):
     """A frozen condition predictor as a reward: `predict(images)` → the dense prediction; calling it with one
     target condition per image gives that image's controllability ([B], higher is better).
 
     Args:
-        predictor: a module mapping images [B, 3, H, W] in [0, 1] to the condition type's prediction.
-        condition: "segmentation", "edges" or "depth" (or a `ConditionType`).
+        predictor: a module mapping images [B, 3, H, W] in [0, 1] to the condition type's prediction, or a
+            folder / hub id for `load_condition_predictor` (what a YAML config passes).
+        condition: "segmentation", "edges" or "depth" (or a `ConditionType`); may be left out when the
+            predictor says what it predicts (its `kind`).
     """
 
     name = "controllability"
@@ -149,9 +223,20 @@ class ConditionReward(Reward):
     kind = "instance"
     differentiable = True
 
-    def __init__(self, predictor: torch.nn.Module, condition: str | ConditionType) -> None:
+    def __init__(self, predictor: torch.nn.Module | str, condition: str | ConditionType | None = None) -> None:
         super().__init__()
+        if isinstance(predictor, (str, Path)):
+            predictor = load_condition_predictor(str(predictor), getattr(condition, "name", condition))
+        if condition is None:
+            condition = getattr(predictor, "kind", None)
+            if condition is None:
+                raise RewardError("this predictor does not say what it predicts; pass condition: segmentation, "
+                                  "edges or depth")
         self.condition = condition_type(condition) if isinstance(condition, str) else condition
+        predicted = getattr(predictor, "kind", self.condition.name)
+        if predicted != self.condition.name:
+            raise RewardError(f"the predictor predicts {predicted} but condition is {self.condition.name}; pass "
+                              f"a {self.condition.name} model")
         self.predictor = predictor.eval().requires_grad_(False)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
