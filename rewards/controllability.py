@@ -165,12 +165,27 @@ class TransformersConditionPredictor(torch.nn.Module):
 
 
 def _processor_size(processor) -> tuple[int, int] | None:
+    """The fixed input size a transformers image processor resizes to, or None (the model takes any size)."""
     size = getattr(processor, "size", None) or getattr(processor, "crop_size", None)
-    if isinstance(size, dict) and "height" in size and "width" in size:
-        return int(size["height"]), int(size["width"])
-    if isinstance(size, dict) and "shortest_edge" in size:
-        return int(size["shortest_edge"]), int(size["shortest_edge"])
+    if size is None:
+        return None
+
+    def field(key: str):  # `size` is a dict in older transformers, a SizeDict in newer ones
+        return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+    if field("height") and field("width"):
+        return int(field("height")), int(field("width"))
+    if field("shortest_edge"):
+        return int(field("shortest_edge")), int(field("shortest_edge"))
     return None
+
+
+def _processor_statistics(processor) -> tuple[Sequence[float], Sequence[float]]:
+    """The processor's normalisation (mean, std); identity when it only rescales to [0, 1] (e.g. GLPN's)."""
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if not getattr(processor, "do_normalize", mean is not None) or mean is None or std is None:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return tuple(mean), tuple(std)
 
 
 def load_condition_predictor(name: str, condition: str | None = None) -> torch.nn.Module:
@@ -200,7 +215,7 @@ def load_condition_predictor(name: str, condition: str | None = None) -> torch.n
     model = loaders[condition].from_pretrained(name)
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(name)
-        mean, std, size = processor.image_mean, processor.image_std, _processor_size(processor)
+        (mean, std), size = _processor_statistics(processor), _processor_size(processor)
     except (OSError, ValueError):  # a checkpoint without a processor: the ImageNet statistics most use
         mean, std, size = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None
     return TransformersConditionPredictor(model.eval(), condition, size, mean, std)
