@@ -147,6 +147,8 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     run = Path(args.run)
     base, config = load_run_generator(run, trained=False)
     tuned, _ = load_run_generator(run, args.checkpoint, trained=True, use_ema=not args.raw_weights)
+    if config.pipeline == "ctrl_u":
+        return _control_gallery(args, run, config, base, tuned)
     prompts = _run_prompts(args.prompts, config)[: args.max_prompts]
     reward = build_reward(config.reward)
     gold = build_gold(config.eval.gold)
@@ -240,6 +242,30 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with a run trained with EMA: the raw trained weights instead of the EMA ones")
     gallery.set_defaults(func=cmd_gallery)
     return parser
+
+
+def _control_gallery(args: argparse.Namespace, run: Path, config, base, tuned) -> int:
+    """A ControlNet run's gallery: held-out examples (the run's data carries the captions), the control image,
+    base beside fine-tuned, controllability by the evaluation and the reward model, and the uncertainty map."""
+    from genalign.control_data import build_control_dataset
+    from pipelines.ctrl_u import write_control_gallery
+    from rewards import build_reward as build_named_reward
+
+    if args.prompts:
+        raise ConfigError("a ControlNet run's gallery shows its data's held-out examples; drop --prompts")
+    device = _device()
+    data = build_control_dataset(config.data.name, config.condition, **config.data.kwargs)
+    reward = build_named_reward(config.reward.name, **config.reward.kwargs).to(device)
+    judge = (build_named_reward(config.evaluation.name, **config.evaluation.kwargs).to(device)
+             if config.evaluation is not None else None)
+    index = write_control_gallery(
+        Path(args.out) if args.out else run / "gallery", {"base": base.to(device), "fine_tuned": tuned.to(device)},
+        data, reward, judge, config.sampling.options(tuned), examples=args.max_prompts, samples=args.n,
+        seed=args.seed, batch_size=config.sampling.batch_size, uncertainty_scale=config.uncertainty_scale,
+        title=f"{config.pipeline}: {run.name} ({config.condition})",
+    )
+    print(f"gallery: {index.resolve()}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

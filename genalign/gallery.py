@@ -87,6 +87,8 @@ class PromptRow:
     # The two grids' headings (also the stems of their files: keep them to letters, digits and _), e.g.
     # ("positive", "negative") for a round's demonstrations.
     sides: tuple[str, str] = ("before", "after")
+    # Further (heading, samples) grids shown after those two, e.g. a third method beside a baseline.
+    more: list[tuple[str, list[GallerySample]]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- io
@@ -378,7 +380,7 @@ def write_gallery(
             figures.append(f"<figure>{tag}<figcaption>{_esc(caption)}</figcaption></figure>")
         grids = "".join(
             _grid_html(side, samples, idx, row.prompt, out_dir, upscale_to)
-            for side, samples in zip(row.sides, (row.before, row.after))
+            for side, samples in [*zip(row.sides, (row.before, row.after)), *row.more]
         )
         body.append(
             f'<section class="prompt" id="prompt-{idx}"><h2>Prompt {idx + 1}</h2>'

@@ -22,16 +22,19 @@ Only the ControlNet trains (the generator's `trainable_modules()`); the UNet, VA
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
 from genalign.config import ConfigError, NonNegativeInt, PositiveInt
-from genalign.control_data import ControlExamples, build_control_dataset
+from genalign.control_data import ControlDataset, ControlExamples, build_control_dataset
 from genalign.engine import (EpochPlan, Pipeline, PipelineConfig, RewardConfig, gather_rows, on_every_process,
     split_batch)
+from genalign.gallery import GallerySample, PromptRow, to_pil, write_gallery
 from genalign.generators.base import Generator
 from genalign.trainer import Trainer, launched_processes
 from rewards import build_reward as build_named_reward
@@ -231,3 +234,91 @@ def _twice(examples: ControlExamples) -> ControlExamples:
     """The batch followed by itself (the copies noised at t and at t2)."""
     return ControlExamples(torch.cat([examples.samples] * 2), examples.texts * 2,
                            torch.cat([examples.control] * 2), torch.cat([examples.target] * 2))
+
+
+# ---------------------------------------------------------------------------------------------------- gallery
+
+@torch.no_grad()
+def uncertainty_maps(generator: Generator, reward: ConditionReward, examples: ControlExamples, seeds: list[int],
+                     timestep: int, scale: float = 1.0) -> torch.Tensor:
+    """U as Ctrl-U's training step sees it: each example noised at `timestep` and `timestep + 1` with the same
+    seeded noise, both one-step estimates read by the reward model, u_scale · the condition's uncertainty.
+    Returns [B, H, W]."""
+    clean = generator.encode(examples.samples, seeds=seeds)
+    noise = torch.stack([torch.randn(clean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+    later = min(timestep + 1, generator.num_train_timesteps - 1)
+    t = torch.tensor([timestep] * len(seeds + seeds))
+    t[len(seeds):] = later
+    both = generator.noised_prediction(torch.cat([clean, clean]), _twice(examples).conditions(), t,
+                                       torch.cat([noise, noise]).to(clean))
+    first, second = reward.predict(both.outputs).chunk(2)
+    return scale * reward.condition.uncertainty(first, second)
+
+
+def _heat(u: torch.Tensor, top: float) -> torch.Tensor:
+    """A [H, W] map as a black → red → yellow → white picture [3, H, W], `top` mapped to white."""
+    x = (u.float().cpu() / max(top, 1e-12)).clamp(0, 1)
+    return torch.stack([(3 * x).clamp(0, 1), (3 * x - 1).clamp(0, 1), (3 * x - 2).clamp(0, 1)])
+
+
+def write_control_gallery(
+    folder: str | Path,
+    models: Mapping[str, Generator],
+    data: ControlDataset,
+    reward: ConditionReward,
+    judge: ConditionReward | None,
+    options,
+    *,
+    examples: int = 8,
+    samples: int = 2,
+    seed: int = 0,
+    batch_size: int = 64,
+    uncertainty_timestep: int = 200,
+    uncertainty_scale: float = 1.0,
+    title: str = "Ctrl-U",
+) -> Path:
+    """Per held-out example: its control image, each model's samples side by side (same seeds; at least two
+    models, in order, e.g. base | ControlNet++-style | Ctrl-U), each labelled with its controllability by
+    `judge` (the evaluation model; the reward model when None) and by the reward model, and the uncertainty map
+    U of the last model at `uncertainty_timestep` (one map per seed, shared colour scale). Returns the index."""
+    if len(models) < 2:
+        raise ValueError("a control gallery compares at least two models, e.g. {'base': ..., 'ctrl_u': ...}")
+    judge = judge or reward
+    count = min(examples, data.size("eval"))
+    batch = data.examples([i for i in range(count) for _ in range(samples)], "eval")
+    seeds = [seed + i for i in range(len(batch))]
+    targets = list(batch.target)
+    grids: dict[str, list[GallerySample]] = {}
+    summary: dict[str, float | str] = {"condition": reward.condition.name, "examples": count,
+                                       "samples per example": samples}
+    for name, generator in models.items():
+        rollout = generator.sample(batch.conditions(), options, seeds=seeds, batch_size=batch_size,
+                                   return_trajectory=False)
+        judged = judge(rollout.outputs, targets).rewards.float().cpu()
+        by_reward = reward(rollout.outputs, targets).rewards.float().cpu()
+        grids[name] = [GallerySample(item, reward=float(judged[i]),
+                                     labels={"seed": str(seeds[i]), "reward model": f"{float(by_reward[i]):.3f}"})
+                       for i, item in enumerate(rollout.outputs.detach().float().cpu())]
+        summary[f"controllability {name}"] = float(judged.mean())
+        summary[f"reward model {name}"] = float(by_reward.mean())
+    last = list(models.values())[-1]
+    u = uncertainty_maps(last, reward, batch, seeds, uncertainty_timestep, uncertainty_scale)
+    top = float(u.max())
+    summary[f"mean U ({list(models)[-1]}, t = {uncertainty_timestep})"] = float(u.mean())
+    heat = [GallerySample(_heat(m, top), labels={"mean U": f"{float(m.mean()):.3g}"}) for m in u]
+    names = list(models)
+    rows = []
+    for e in range(count):
+        part = slice(e * samples, (e + 1) * samples)
+        rows.append(PromptRow(
+            batch.texts[e * samples], grids[names[0]][part], grids[names[1]][part], sides=(names[0], names[1]),
+            more=[*((name, grids[name][part]) for name in names[2:]), (f"uncertainty_{names[-1]}", heat[part])],
+            figures=[("control", _to_pil(batch.control[e * samples]))],
+        ))
+    return write_gallery(folder, rows, title=title, summary=summary)
+
+
+def _to_pil(picture: torch.Tensor, min_side: int = 128):
+    shown = to_pil(picture.float().cpu())
+    factor = max(1, min_side // min(shown.size))
+    return shown.resize((shown.width * factor, shown.height * factor), resample=0)  # nearest: crisp pixels

@@ -215,3 +215,46 @@ def test_bad_setups_are_refused_with_the_fix(tiny_sd_dir, tmp_path):
                                                  "prompts": {"prompts": ["a red circle"]},
                                                  "trainer": {"output_dir": str(tmp_path / "z")}}),
                       reward=_segmenter(), data=RandomControlData())
+
+
+# ----------------------------------------------------------------------------- gallery
+
+
+def test_uncertainty_maps_and_the_control_gallery(tiny_sd_dir, tmp_path):
+    """U for the gallery is the training step's U (the example noised at t and t + 1 with one noise, read by the
+    reward model), and the gallery shows the control, every model's samples in order with their
+    controllability by the judge, and the last model's U. Fails if the two copies got different noise or
+    timesteps, the judge were swapped for the reward model, or a model's grid were dropped."""
+    from genalign.gallery import _fmt
+    from pipelines.ctrl_u import uncertainty_maps, write_control_gallery
+
+    pipe = _pipeline(tiny_sd_dir, tmp_path / "run")
+    tuned = pipe.generator
+    with torch.no_grad():
+        for parameter in tuned.controlnet.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    base = DiffusionGenerator.from_pretrained(tiny_sd_dir, controlnet="unet")
+    reward, judge = _segmenter(), _segmenter(1)
+
+    examples = pipe.data.examples([0, 0, 1, 1], "eval")
+    seeds = [5, 6, 7, 8]
+    u = uncertainty_maps(tuned, reward, examples, seeds, 200, scale=2.0)
+    clean = tuned.encode(examples.samples, seeds=seeds)
+    noise = torch.stack([torch.randn(clean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+    with torch.no_grad():
+        at_t = tuned.noised_prediction(clean, examples.conditions(), torch.full((4,), 200), noise).outputs
+        at_t2 = tuned.noised_prediction(clean, examples.conditions(), torch.full((4,), 201), noise).outputs
+        expected = 2.0 * Segmentation().uncertainty(reward.predict(at_t), reward.predict(at_t2))
+    assert u.shape == (4, 32, 32) and u.abs().sum() > 0
+    torch.testing.assert_close(u, expected, rtol=1e-4, atol=1e-6)
+
+    index = write_control_gallery(tmp_path / "gallery", {"base": base, "fine_tuned": tuned}, pipe.data, reward,
+                                  judge, pipe.options, examples=2, samples=2, seed=5, uncertainty_scale=2.0)
+    html = index.read_text()
+    for name in ("p000_figure_00", "p000_base_00", "p000_fine_tuned_01", "p001_uncertainty_fine_tuned_01"):
+        assert (tmp_path / "gallery" / "images" / f"{name}.png").is_file(), name
+    for name, generator in (("base", base), ("fine_tuned", tuned)):
+        outputs = generator.sample(examples.conditions(), pipe.options, seeds=seeds, return_trajectory=False).outputs
+        expected_mean = float(judge(outputs, list(examples.target)).rewards.mean())
+        assert f"<th>controllability {name}</th><td>{_fmt(expected_mean)}</td>" in html
+    assert html.index("base") < html.index("fine_tuned") < html.index("uncertainty_fine_tuned")

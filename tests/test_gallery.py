@@ -192,3 +192,21 @@ def test_plot_metrics_without_matching_keys_still_writes_png(tmp_path):
         assert im.format == "PNG"
         assert np.asarray(im.convert("L"), dtype=np.float32).std() > 0  # the placeholder text
     assert plot_metrics([], [], tmp_path / "empty.png").is_file()
+
+
+def test_more_grids_follow_the_two_sides_in_order(tmp_path):
+    """A row with further grids (Ctrl-U's base | ControlNet++ | Ctrl-U | uncertainty): every grid is shown,
+    headed by its name, in order, with its own files. Fails if `more` is dropped or overwrites a side's files."""
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    samples = [[GallerySample(Image.new("RGB", (8, 8), c), reward=float(k))] for k, c in enumerate(colours)]
+    row = PromptRow("p", samples[0], samples[1], sides=("base", "plus"), more=[("ctrl_u", samples[2]),
+                                                                               ("uncertainty", samples[3])])
+    index = write_gallery(tmp_path, [row], title="t")
+    page = _parse(index)
+    assert [img["src"] for img in page.imgs] == [f"images/p000_{side}_00.png"
+                                                 for side in ("base", "plus", "ctrl_u", "uncertainty")]
+    for img, colour in zip(page.imgs, colours):
+        with Image.open(tmp_path / img["src"]) as im:
+            assert im.getpixel((0, 0)) == colour
+    text = "".join(page.text)
+    assert text.index("base") < text.index("plus") < text.index("ctrl_u") < text.index("uncertainty")
