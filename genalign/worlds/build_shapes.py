@@ -12,6 +12,10 @@ vae        AutoencoderKL, 32x32 <-> 8x8x8 (kept only until t2i is done)       ``
 t2i        the text-to-image model as a diffusers folder                      ``DiffusionGenerator.from_pretrained``
 pen        prompt-expansion network (Parrot): short prompt -> full caption    ``PromptExpansionNetwork.from_pretrained``
 report     gold accuracy, CLIP score and aesthetic of the T2I model's samples  (numbers in world.json)
+condition  per condition type (segmentation, edges, depth): a reward, an      ``controllability`` reward with
+           evaluation and a noisy (few-scene) reward predictor (Ctrl-U)       ``predictor=world/condition/K/R``
+controlnet per condition type, a base ControlNet trained on the T2I model     ``DiffusionGenerator.from_pretrained
+           (decent but imperfect: what Ctrl-U fine-tunes)                     (world/t2i, controlnet=...)``
 =========  ================================================================  ==================================
 
 ``world.json`` holds the recipe and each finished stage's metrics. A stage counts as done when it is listed
@@ -35,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import read_partial_world, shapes, write_world_file
 
-STAGES: tuple[str, ...] = ("clip", "judge", "aesthetic", "vae", "t2i", "pen", "report")
+STAGES: tuple[str, ...] = ("clip", "judge", "aesthetic", "vae", "t2i", "pen", "report", "condition", "controlnet")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,15 @@ class ShapesRecipe:
     report_steps: int = 10
     report_guidance: float = 3.0
     report_eta: float = 1.0
+    # Ctrl-U: condition predictors (reward, evaluation, noisy reward) and base ControlNets, per condition type.
+    condition_steps: int = 600
+    condition_eval_steps: int = 1200
+    condition_noisy_scenes: int = 128
+    condition_held_out: int = 512
+    controlnet_steps: int = 800
+    controlnet_batch: int = 32
+    controlnet_lr: float = 1e-3
+    controlnet_report_examples: int = 64
 
 
 RECIPES: dict[str, ShapesRecipe] = {
@@ -80,6 +93,8 @@ RECIPES: dict[str, ShapesRecipe] = {
         unet_steps=3, unet_batch=4, unet_width=16,
         pen_steps=3, pen_batch=8, pen_width=16, pen_layers=1,
         report_prompts=4, report_steps=2,
+        condition_steps=2, condition_eval_steps=2, condition_noisy_scenes=4, condition_held_out=4,
+        controlnet_steps=2, controlnet_batch=4, controlnet_report_examples=2,
     ),  # fmt: skip
 }
 
@@ -218,6 +233,43 @@ def _stage_report(recipe: ShapesRecipe, out: Path, world: Path, progress: bool) 
     return metrics
 
 
+def _stage_condition(recipe: ShapesRecipe, out: Path, world: Path, progress: bool) -> dict:
+    from diffusers import AutoencoderKL
+
+    from .shapes_control import build_condition_models
+
+    vae = AutoencoderKL.from_pretrained(world / "t2i" / "vae", torch_dtype=torch.float32)
+    return build_condition_models(
+        out, steps=recipe.condition_steps, evaluation_steps=recipe.condition_eval_steps,
+        noisy_scenes=recipe.condition_noisy_scenes, held_out=recipe.condition_held_out, seed=recipe.seed + 6,
+        vae=vae, progress=progress,
+    )
+
+
+def _stage_controlnet(recipe: ShapesRecipe, out: Path, world: Path, progress: bool) -> dict:
+    from rewards.controllability import ConditionReward
+
+    from .shapes_control import CONDITION_KINDS
+    from .shapes_controlnet import base_controllability, train_base_controlnet
+
+    metrics: dict[str, dict] = {}
+    for kind in CONDITION_KINDS:
+        bar = _Bar(f"controlnet/{kind}", recipe.controlnet_steps, progress)
+        generator, metrics[kind] = train_base_controlnet(
+            world / "t2i", kind, steps=recipe.controlnet_steps, batch_size=recipe.controlnet_batch,
+            lr=recipe.controlnet_lr, seed=recipe.seed + 7, progress=bar,
+        )
+        bar.close()
+        generator.controlnet.save_pretrained(out / kind)
+        for role in ("reward", "evaluation"):
+            judge = ConditionReward(str(world / "condition" / kind / role), kind)
+            metrics[kind][f"controllability_{role}"] = base_controllability(
+                generator, kind, judge, examples=recipe.controlnet_report_examples,
+                steps=recipe.report_steps, guidance=recipe.report_guidance,
+            )
+    return metrics
+
+
 @torch.no_grad()
 def evaluate_world_model(
     model: str | os.PathLike,
@@ -274,6 +326,8 @@ _STAGE_FUNCTIONS: dict[str, Callable[[ShapesRecipe, Path, Path, bool], dict]] = 
     "t2i": _stage_t2i,
     "pen": _stage_pen,
     "report": _stage_report,
+    "condition": _stage_condition,
+    "controlnet": _stage_controlnet,
 }
 
 

@@ -498,6 +498,7 @@ def build_condition_models(
     evaluation_steps: int | None = None,
     vae: Any = None,
     kinds: Sequence[str] = CONDITION_KINDS,
+    held_out: int = HELD_OUT_SCENES,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Train and save, for each kind, ``out/<kind>/reward`` (fresh data, seed), ``out/<kind>/evaluation``
     (the other design, seed + 1, its own scene stream) and ``out/<kind>/reward_noisy`` (the reward design on
@@ -508,7 +509,8 @@ def build_condition_models(
     1,000 steps at lr 2e-3, 0.91 after 2,000), and the judge should not be the weaker model.
 
     ``vae``: an AutoencoderKL, or None for the shapes world's committed one (its t2i/vae), which every model
-    trains and is evaluated with. Returns kind -> role -> metrics, also written to ``out/metrics.json``.
+    trains and is evaluated with. ``held_out``: how many of :func:`held_out_scenes` each model is reported on.
+    Returns kind -> role -> metrics, also written to ``out/metrics.json``.
     """
     from diffusers import AutoencoderKL
 
@@ -526,7 +528,7 @@ def build_condition_models(
         report[kind] = {}
         for role, options in roles.items():
             model, metrics = train_condition_predictor(
-                kind, steps=role_steps[role], vae=vae, progress=progress, **options
+                kind, steps=role_steps[role], vae=vae, progress=progress, held_out=held_out, **options
             )
             model.save_pretrained(out / kind / role)
             report[kind][role] = metrics
