@@ -231,6 +231,8 @@ class ConditionReward(Reward):
             folder / hub id for `load_condition_predictor` (what a YAML config passes).
         condition: "segmentation", "edges" or "depth" (or a `ConditionType`); may be left out when the
             predictor says what it predicts (its `kind`).
+        dtype: run the predictor in this dtype ("float16" to save memory, "float64" for exact comparisons);
+            None keeps the one it was loaded in. Images are cast to it, gradients flow back through the cast.
     """
 
     name = "controllability"
@@ -238,7 +240,8 @@ class ConditionReward(Reward):
     kind = "instance"
     differentiable = True
 
-    def __init__(self, predictor: torch.nn.Module | str, condition: str | ConditionType | None = None) -> None:
+    def __init__(self, predictor: torch.nn.Module | str, condition: str | ConditionType | None = None,
+                 dtype: str | torch.dtype | None = None) -> None:
         super().__init__()
         if isinstance(predictor, (str, Path)):
             predictor = load_condition_predictor(str(predictor), getattr(condition, "name", condition))
@@ -253,15 +256,19 @@ class ConditionReward(Reward):
             raise RewardError(f"the predictor predicts {predicted} but condition is {self.condition.name}; pass "
                               f"a {self.condition.name} model")
         self.predictor = predictor.eval().requires_grad_(False)
+        if dtype is not None:
+            self.predictor.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """The dense prediction of each image's condition (differentiable w.r.t. the images)."""
         self.validate_outputs(images)
-        return self.predictor(images.to(next(self.predictor.parameters()).device))
+        # A half- or double-precision generator decodes in its own dtype; the frozen predictor keeps its own.
+        weight = next(self.predictor.parameters())
+        return self.predictor(images.to(weight.device, weight.dtype))
 
     def score(self, images: torch.Tensor, conditions: Sequence[torch.Tensor] | None) -> torch.Tensor:
         if conditions is None:
             raise RewardError(f"'{self.name}' scores each image against its target {self.condition.name} "
                               "condition; pass one target tensor per image as the conditions")
         target = torch.stack([torch.as_tensor(c) for c in conditions]).to(images.device)
-        return self.condition.controllability(self.predictor(images), target).to(images.device)
+        return self.condition.controllability(self.predict(images), target).to(images.device)

@@ -139,3 +139,18 @@ def test_bad_control_input_gets_a_clear_error(pipe, tmp_path):
         DiffusionGenerator.from_pretrained(tmp_path / "base", controlnet=tmp_path / "foreign")
     with pytest.raises(ModelLoadError, match="could not load a ControlNet"):
         DiffusionGenerator.from_pretrained(tmp_path / "base", controlnet=tmp_path / "missing")
+
+
+def test_a_controlnet_from_the_unet_does_not_depend_on_the_global_rng(pipe):
+    """The conditioning embedding is the one random part of `from_unet`. Drawn from the global RNG it made one
+    process and two processes start from different ControlNets (caught by Ctrl-U's two-process test); it must be
+    a function of the UNet alone, and leave the caller's RNG where it was."""
+    torch.manual_seed(123)
+    first = controlnet_from_unet(pipe.unet, vae_scale_factor=2).state_dict()
+    after_first = torch.rand(1)
+    torch.manual_seed(123)
+    torch.rand(5)  # whatever else ran before
+    second = controlnet_from_unet(pipe.unet, vae_scale_factor=2).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after_first)  # building one drew nothing from the caller's stream

@@ -258,3 +258,64 @@ def test_uncertainty_maps_and_the_control_gallery(tiny_sd_dir, tmp_path):
         expected_mean = float(judge(outputs, list(examples.target)).rewards.mean())
         assert f"<th>controllability {name}</th><td>{_fmt(expected_mean)}</td>" in html
     assert html.index("base") < html.index("fine_tuned") < html.index("uncertainty_fine_tuned")
+
+
+def test_the_reward_model_reads_half_and_double_precision_decodes():
+    """A float16 generator (model.dtype: float16) decodes x̂_0 in half precision and a float64 one in double; the
+    float32 predictor must read both, with gradients back to the decode. Fails with a dtype mismatch in the
+    predictor's first convolution if the images are not cast to its dtype."""
+    reward = _segmenter()
+    images = torch.rand(2, 3, 8, 8)
+    expected = reward.predict(images)
+    for dtype, tolerance in ((torch.float16, 2e-3), (torch.float64, 1e-6)):
+        decoded = images.to(dtype).requires_grad_(True)
+        prediction = reward.predict(decoded)
+        assert prediction.dtype == torch.float32
+        torch.testing.assert_close(prediction, expected, atol=tolerance, rtol=0)
+        prediction.sum().backward()
+        assert decoded.grad is not None and decoded.grad.dtype == dtype
+    scores = reward(images.double(), list(torch.randint(CLASSES, (2, 8, 8)))).rewards
+    assert scores.shape == (2,)
+
+
+def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun):
+    """Same global batch and seed, 1 vs 2 gloo processes, in float64 (Adam amplifies float32 reduction-order
+    noise), on the shapes world's control data with its segmentation reward model: each process noises and
+    scores its own share of the examples, and the sharded held-out evaluation is gathered in order. Fails if
+    the examples, timesteps or noise depend on the process count, or the reward loss is averaged per process
+    instead of over the global batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    worker = root / "tests" / "helpers" / "pipeline_worker.py"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    predictor = root / "genalign" / "worlds" / "assets" / "shapes" / "condition" / "segmentation"
+    overrides = ["model.controlnet=unet", "model.dtype=float64", "prompts.prompts=[]", "epochs=2", "batch_size=4",
+                 f"reward.kwargs.predictor={predictor / 'reward'}", "reward.kwargs.dtype=float64",
+                 "evaluation={name: controllability, kwargs: {predictor: " + str(predictor / "evaluation") + "}}",
+                 "max_reward_timestep=999", "ramp_updates=0", "reward_weight=1.0", "eval_examples=3",
+                 "trainer.checkpoint_every=1", "eval.every=1", "trainer.lora.enabled=false"]
+    subprocess.run([sys.executable, str(worker), "ctrl_u", str(tiny_sd_dir), str(tmp_path / "one"),
+                    "train_batch_size=4", *overrides], check=True, env=env, capture_output=True, timeout=600)
+    torchrun([worker, "ctrl_u", tiny_sd_dir, tmp_path / "two", "train_batch_size=2", *overrides], env=env)
+    one = load_file(str(tmp_path / "one" / "checkpoints" / "step_000001" / "trainable.safetensors"))
+    two = load_file(str(tmp_path / "two" / "checkpoints" / "step_000001" / "trainable.safetensors"))
+    assert one.keys() == two.keys() and all(k.startswith("controlnet.") for k in one)
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], atol=1e-7, rtol=0)
+
+    def log(folder):
+        import json
+
+        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    log_one, log_two = log(tmp_path / "one"), log(tmp_path / "two")
+    assert len(log_one) == len(log_two) == 3
+    for a, b in zip(log_one, log_two):
+        for key in ("loss", "diffusion_loss", "reward_loss", "uncertainty_mean", "eval_reward_mean",
+                    "eval_controllability"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-6), key  # the losses are float32

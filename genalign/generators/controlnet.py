@@ -18,6 +18,7 @@ from genalign.generators.base import ModelLoadError
 CONTROL_KEY = "control"  # Conditions.tensors and Trajectory.conditioning: [B, 3, H, W] float in [0, 1]
 # diffusers' default conditioning embedding for SD (8× VAE): three stride-2 convolutions, widths 16 … 256.
 _SD_EMBEDDING_CHANNELS = (16, 32, 96, 256)
+EMBEDDING_INIT_SEED = 0
 
 
 def controlnet_from_unet(unet: UNet2DConditionModel, vae_scale_factor: int) -> ControlNetModel:
@@ -28,7 +29,13 @@ def controlnet_from_unet(unet: UNet2DConditionModel, vae_scale_factor: int) -> C
     if 2**halvings != vae_scale_factor:
         raise ModelLoadError(f"a ControlNet needs a power-of-two VAE scale factor, got {vae_scale_factor}")
     widths = tuple(_SD_EMBEDDING_CHANNELS[min(i, 3)] for i in range(halvings + 1))
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths, load_weights_from_unet=True)
+    # The conditioning embedding starts random. Drawn from the global RNG it would depend on whatever ran before
+    # (one process vs several, a test order), so a fixed seed makes it a function of the UNet alone; the caller's
+    # RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(EMBEDDING_INIT_SEED)
+        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths,
+                                         load_weights_from_unet=True)
 
 
 def load_controlnet(source: str, unet: UNet2DConditionModel, vae_scale_factor: int,

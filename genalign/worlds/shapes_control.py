@@ -253,7 +253,8 @@ class ConditionPredictor(nn.Module):
     def logits(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] in [0, 1] -> raw outputs [B, C, H, W] (edges before the sigmoid, for BCE)."""
         # Decoded generator outputs can overshoot [0, 1]; renders never do.
-        return self.net(_with_coordinates(images.float().clamp(0.0, 1.0)))
+        dtype = next(self.net.parameters()).dtype  # float32 unless the caller cast the predictor
+        return self.net(_with_coordinates(images.to(dtype).clamp(0.0, 1.0)))
 
     def forward(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] in [0, 1] -> segmentation logits [B, len(SEGMENTATION_CLASSES), H, W], edge
