@@ -1,7 +1,7 @@
 """Engine benchmarks, each reported as a ratio against a baseline measured in the same run.
 
     python scripts/bench.py                 # all benchmarks, markdown table on stdout
-    python scripts/bench.py --only memory   # one of: sampling, masked, ddpo, prdp, memory, attention, shapes, tones, dragon, parrot
+    python scripts/bench.py --only memory   # one of: sampling, masked, ddpo, prdp, memory, attention, shapes, tones, dragon, parrot, ctrl_u
     python scripts/bench.py --out docs/bench.json
 
 Benchmarks:
@@ -25,6 +25,10 @@ Benchmarks:
   original-prompt-centred guidance ([∅, c, ĉ] in one batched call) vs plain CFG sampling; the shapes PEN's 64
   expansions against that sampling time; and batch-wise Pareto selection of 256 × 4 rewards in torch vs the
   paper's O(N²) double loop in Python.
+- ctrl_u: on the committed shapes world's segmentation ControlNet (configs/ctrl_u_shapes_segmentation.yaml):
+  sampling 64 held-out examples (10 DDIM steps, CFG 3) with per-step log-probs vs diffusers'
+  StableDiffusionControlNetPipeline; and one Ctrl-U update of 16 examples (two noised copies, x̂_0 decoded for
+  t ≤ t_max, the reward model, U) vs the plain ControlNet update on the same examples (diffusion loss only).
 - dragon: one DRAGON round on the tones world with a dataset-FAD reward (generation, embedding, set construction,
   DPO updates) against its generation time, with the embedding share and the cache hits; and the leave-one-out set
   construction on cached embeddings vs a loop that embeds every subset it scores.
@@ -514,6 +518,62 @@ def bench_parrot(args) -> list[dict]:
     return rows
 
 
+def bench_ctrl_u(args) -> list[dict]:
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from genalign.config import build_config, load_yaml
+    from pipelines.ctrl_u import CtrlUConfig, CtrlUPipeline
+
+    config = build_config(CtrlUConfig, load_yaml(ROOT / "configs" / "ctrl_u_shapes_segmentation.yaml"),
+                          ["trainer.output_dir=/tmp/bench_ctrl_u", "trainer.progress=false"])
+    ctrl_u = CtrlUPipeline(config)
+    gen = ctrl_u.generator.to(args.device)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=gen.vae, text_encoder=gen.text_encoder, tokenizer=gen.tokenizer, unet=gen.denoiser,
+        controlnet=gen.controlnet, scheduler=gen.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    examples = ctrl_u.data.examples(list(range(64)), "eval")
+    seeds = list(range(len(examples)))
+    options = SamplingOptions(num_inference_steps=10, guidance_scale=3.0, eta=0.0)
+
+    def plain_sampling():
+        with torch.no_grad():
+            pipe(examples.texts, image=examples.control.to(args.device), num_inference_steps=10, guidance_scale=3.0,
+                 eta=0.0, output_type="pt", generator=[torch.Generator().manual_seed(s) for s in seeds])
+
+    base, mine = paired(plain_sampling, lambda: gen.sample(examples.conditions(), options, seeds=seeds, batch_size=64),
+                        args.repeats)
+    rows = [{"benchmark": "Ctrl-U: ControlNet sampling, shapes segmentation, 64 examples, 10 DDIM steps, CFG 3",
+             "baseline": "diffusers StableDiffusionControlNetPipeline", "baseline_s": base, "ours_s": mine,
+             "ratio": mine / base, "samples_per_s": len(examples) / mine}]
+
+    trainer, _, _ = ctrl_u.start_training(accumulation_steps=1, total_updates=1)
+    plan = ctrl_u.epoch_plan(trainer, 0, 16, 1)
+    rows16 = plan.local[:16]
+    batch = ctrl_u.data.examples(plan.prompt_index[rows16].tolist(), "train")
+    batch_seeds = [int(s) for s in plan.seeds[rows16]]
+
+    def controlnet_update():
+        clean = gen.encode(batch.samples, seeds=batch_seeds)
+        t = torch.randint(0, gen.num_train_timesteps, (len(batch),), generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(1)).to(clean)
+        gen.noised_prediction(clean, batch.conditions(), t, noise, decode=False).loss.mean().backward()
+
+    def ctrl_u_update():
+        loss, _ = ctrl_u.loss(trainer, plan, rows16)
+        loss.backward()
+
+    base, mine = paired(controlnet_update, ctrl_u_update, args.repeats)
+    rewarded = float((torch.cat([torch.randint(gen.num_train_timesteps, (1,), generator=torch.Generator().manual_seed(s + 1))
+                                 for s in batch_seeds]) <= config.max_reward_timestep).double().mean())
+    rows.append({"benchmark": f"Ctrl-U: one update of 16 examples ({rewarded:.0%} with t ≤ t_max, so decoded and "
+                              "scored twice), forward + backward",
+                 "baseline": "the plain ControlNet update (diffusion loss, one copy)", "baseline_s": base,
+                 "ours_s": mine, "ratio": mine / base})
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| benchmark | baseline | baseline s | ours s | ratio (ours / baseline) | extra |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -526,7 +586,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["sampling", "masked", "ddpo", "prdp", "memory", "attention", "shapes", "tones", "dragon", "parrot"])
+    parser.add_argument("--only", choices=["sampling", "masked", "ddpo", "prdp", "memory", "attention", "shapes", "tones", "dragon", "parrot", "ctrl_u"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -541,7 +601,8 @@ def main() -> None:
         return
     torch.manual_seed(0)
     benches = {"sampling": bench_sampling, "masked": bench_masked, "ddpo": bench_ddpo, "prdp": bench_prdp, "memory": bench_memory, "attention": bench_attention,
-               "shapes": bench_shapes, "tones": bench_tones, "dragon": bench_dragon, "parrot": bench_parrot}
+               "shapes": bench_shapes, "tones": bench_tones, "dragon": bench_dragon, "parrot": bench_parrot,
+               "ctrl_u": bench_ctrl_u}
     rows = []
     for name, fn in benches.items():
         if args.only and name != args.only:

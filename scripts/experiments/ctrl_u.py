@@ -4,7 +4,7 @@ one, at equal budgets. Results in docs/results/ctrl_u.md.
     python scripts/experiments/ctrl_u.py run                           # 3 conditions × 2 reward models × 2 arms × 3 seeds
     python scripts/experiments/ctrl_u.py run --conditions edges --seeds 0 --set epochs=20
     python scripts/experiments/ctrl_u.py report                        # tables from the saved results
-    python scripts/experiments/ctrl_u.py gallery --condition segmentation   # base | ControlNet++ | Ctrl-U | U
+    python scripts/experiments/ctrl_u.py gallery --condition segmentation   # control | base | ControlNet++ | Ctrl-U | U
 
 Every run starts from the world's base ControlNet of its condition (configs/ctrl_u_shapes_<condition>.yaml) and
 sees the same training examples, timesteps and noise (trainer.seed); the arms differ only in `uncertainty`:
@@ -147,12 +147,17 @@ def report() -> str:
         if not base_path.exists():
             continue
         base = json.loads(base_path.read_text())
+        sign = -1.0 if condition == "depth" else 1.0  # the reward is −RMSE; the tables show RMSE
+
+        def mean(values: list[float]) -> float:
+            return sign * float(np.mean(values))
+
         results = [json.loads(p.read_text()) for p in sorted((OUT / condition).glob("*_seed*/result.json"))]
         lines += [f"### {condition}", "",
                   f"| model | reward model | runs | updates × examples | {METRIC[condition]} (evaluation model) | "
                   "by its reward model | FID (world CLIP) | CLIP score |", "|---" * 8 + "|"]
-        lines.append(f"| base ControlNet | — | 1 | — | {_cell([np.mean(base['evaluation'])])} | "
-                     f"{_cell([np.mean(base['reward_model'])])} (noisy: {_cell([np.mean(base['noisy_reward_model'])])}) "
+        lines.append(f"| base ControlNet | — | 1 | — | {_cell([mean(base['evaluation'])])} | "
+                     f"{_cell([mean(base['reward_model'])])} (noisy: {_cell([mean(base['noisy_reward_model'])])}) "
                      f"| {_cell([base['fid']])} | {_cell([base['clip_score']], 2)} |")
         gaps = {}
         for reward in REWARDS:
@@ -161,17 +166,17 @@ def report() -> str:
                 mine = [r for r in results if r["reward"] == reward and r["arm"] == arm]
                 if not mine:
                     continue
-                by_arm[arm] = [np.mean(r["evaluation"]) for r in mine]
+                by_arm[arm] = [mean(r["evaluation"]) for r in mine]
                 lines.append(
                     f"| {arm} | {reward} | {len(mine)} | {mine[0]['updates']} × {mine[0]['examples_seen'] // mine[0]['updates']} | "
-                    f"{_cell(by_arm[arm])} | {_cell([np.mean(r['reward_model']) for r in mine])} | "
+                    f"{_cell(by_arm[arm])} | {_cell([mean(r['reward_model']) for r in mine])} | "
                     f"{_cell([r['fid'] for r in mine])} | {_cell([r['clip_score'] for r in mine], 2)} |")
             for arm in ("ctrl_u", "ctrl_u_scaled"):
                 if arm in by_arm and len(by_arm[arm]) == len(by_arm.get("controlnet_pp", [])):
                     gaps[(reward, arm)] = np.asarray(by_arm[arm]) - np.asarray(by_arm["controlnet_pp"])
         lines.append("")
         for (reward, arm), gap in gaps.items():
-            lines.append(f"- {arm} − controlnet_pp ({reward} reward model), per seed: "
+            lines.append(f"- {arm} − controlnet_pp ({reward} reward model, {METRIC[condition]}), per seed: "
                          + ", ".join(f"{g:+.4f}" for g in gap) + f"; mean {gap.mean():+.4f}")
         lines.append("")
     return "\n".join(lines)
@@ -184,10 +189,27 @@ def gallery(condition: str, seed: int, reward: str) -> Path:
     for arm, folder in runs.items():
         models[arm], _ = load_run_generator(folder)
     pipe = CtrlUPipeline(config)
-    return write_control_gallery(OUT / condition / f"gallery_{reward}_seed{seed}", models, pipe.data, pipe.reward,
-                                 pipe.evaluation_reward, pipe.options, examples=8, samples=2, seed=EVAL_SEED,
-                                 uncertainty_scale=config.uncertainty_scale,
-                                 title=f"Ctrl-U on shapes {condition} ({reward} reward model, seed {seed})")
+    folder = OUT / condition / f"gallery_{reward}_seed{seed}"
+    index = write_control_gallery(folder, models, pipe.data, pipe.reward, pipe.evaluation_reward, pipe.options,
+                                  examples=8, samples=1, seed=EVAL_SEED, uncertainty_scale=config.uncertainty_scale,
+                                  title=f"Ctrl-U on shapes {condition} ({reward} reward model, seed {seed})")
+    overview(folder, ["figure", *models, f"uncertainty_{list(models)[-1]}"], examples=8)
+    return index
+
+
+def overview(folder: Path, columns: list[str], examples: int) -> Path:
+    """One PNG of the gallery's first sample per example: a row per example, a column per grid."""
+    from PIL import Image
+
+    tiles = [[Image.open(folder / "images" / f"p{e:03d}_{column}_00.png").convert("RGB") for column in columns]
+             for e in range(examples)]
+    size = tiles[0][1].size
+    sheet = Image.new("RGB", (size[0] * len(columns), size[1] * examples), "white")
+    for e, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            sheet.paste(tile.resize(size, resample=Image.NEAREST), (c * size[0], e * size[1]))
+    sheet.save(folder / "overview.png")
+    return folder / "overview.png"
 
 
 def main() -> None:
