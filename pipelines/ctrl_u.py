@@ -247,8 +247,7 @@ def uncertainty_maps(generator: Generator, reward: ConditionReward, examples: Co
     clean = generator.encode(examples.samples, seeds=seeds)
     noise = torch.stack([torch.randn(clean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
     later = min(timestep + 1, generator.num_train_timesteps - 1)
-    t = torch.tensor([timestep] * len(seeds + seeds))
-    t[len(seeds):] = later
+    t = torch.tensor([timestep] * len(seeds) + [later] * len(seeds))
     both = generator.noised_prediction(torch.cat([clean, clean]), _twice(examples).conditions(), t,
                                        torch.cat([noise, noise]).to(clean))
     first, second = reward.predict(both.outputs).chunk(2)
