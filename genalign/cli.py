@@ -247,20 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _control_gallery(args: argparse.Namespace, run: Path, config, base, tuned) -> int:
     """A ControlNet run's gallery: held-out examples (the run's data carries the captions), the control image,
     base beside fine-tuned, controllability by the evaluation and the reward model, and the uncertainty map."""
-    from genalign.control_data import build_control_dataset
-    from pipelines.ctrl_u import write_control_gallery
-    from rewards import build_reward as build_named_reward
+    from pipelines.ctrl_u import CtrlUPipeline, write_control_gallery
 
     if args.prompts:
         raise ConfigError("a ControlNet run's gallery shows its data's held-out examples; drop --prompts")
     device = _device()
-    data = build_control_dataset(config.data.name, config.condition, **config.data.kwargs)
-    reward = build_named_reward(config.reward.name, **config.reward.kwargs).to(device)
-    judge = (build_named_reward(config.evaluation.name, **config.evaluation.kwargs).to(device)
-             if config.evaluation is not None else None)
+    pipe = CtrlUPipeline(config, generator=tuned.to(device))  # the run's data, reward and evaluation models
+    judge = pipe.evaluation_reward.to(device) if pipe.evaluation_reward is not None else None
     index = write_control_gallery(
-        Path(args.out) if args.out else run / "gallery", {"base": base.to(device), "fine_tuned": tuned.to(device)},
-        data, reward, judge, config.sampling.options(tuned), examples=args.max_prompts, samples=args.n,
+        Path(args.out) if args.out else run / "gallery", {"base": base.to(device), "fine_tuned": tuned},
+        pipe.data, pipe.reward.to(device), judge, pipe.options, examples=args.max_prompts, samples=args.n,
         seed=args.seed, batch_size=config.sampling.batch_size, uncertainty_scale=config.uncertainty_scale,
         title=f"{config.pipeline}: {run.name} ({config.condition})",
     )

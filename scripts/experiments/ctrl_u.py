@@ -41,6 +41,7 @@ from genalign.cli import load_run_generator  # noqa: E402
 from genalign.config import build_config, load_yaml  # noqa: E402
 from pipelines.ctrl_u import CtrlUConfig, CtrlUPipeline, write_control_gallery  # noqa: E402
 from rewards.clip_rewards import ClipScore  # noqa: E402
+from rewards.controllability import ConditionReward  # noqa: E402
 from rewards.embedders import ClipImageEmbedder  # noqa: E402
 
 WORLD = ROOT / "genalign" / "worlds" / "assets" / "shapes"
@@ -75,7 +76,7 @@ class Judges:
         self.clip_score = ClipScore(model=str(WORLD / "clip"))
 
     @torch.no_grad()
-    def __call__(self, pipe: CtrlUPipeline, generator) -> dict:
+    def __call__(self, pipe: CtrlUPipeline, generator, **more_judges) -> dict:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         rollout = generator.sample(self.examples.conditions(), pipe.options, seeds=self.seeds, batch_size=64,
@@ -86,6 +87,7 @@ class Judges:
         fid.update(self.examples.samples, real=True)
         fid.update(outputs, real=False)
         return {
+            **{name: judge(outputs, targets).rewards.float().tolist() for name, judge in more_judges.items()},
             "evaluation": pipe.evaluation_reward(outputs, targets).rewards.float().tolist(),
             "reward_model": pipe.reward(outputs, targets).rewards.float().tolist(),
             "fid": float(fid.compute()),
@@ -122,12 +124,8 @@ def run_base(condition: str, extra: list[str], judges: dict) -> None:
         return
     pipe = CtrlUPipeline(config_for(condition, "clean", "ctrl_u", 0, [*extra, f"trainer.output_dir={OUT / 'base_run'}"]))
     judges[condition] = Judges(pipe)
-    result = judges[condition](pipe, pipe.generator)
-    noisy = CtrlUPipeline(config_for(condition, "noisy", "ctrl_u", 0, [*extra, f"trainer.output_dir={OUT / 'base_run'}"]))
-    rollout = noisy.generator.sample(judges[condition].examples.conditions(), noisy.options,
-                                     seeds=judges[condition].seeds, batch_size=64, return_trajectory=False)
-    result["noisy_reward_model"] = noisy.reward(rollout.outputs, list(judges[condition].examples.target)
-                                                ).rewards.float().tolist()
+    noisy = ConditionReward(str(WORLD / "condition" / condition / REWARDS["noisy"]), condition)
+    result = judges[condition](pipe, pipe.generator, noisy_reward_model=noisy)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
     print(f"{condition} base: evaluation {np.mean(result['evaluation']):.4f}, fid {result['fid']:.4f}", flush=True)
@@ -188,7 +186,7 @@ def gallery(condition: str, seed: int, reward: str) -> Path:
     models = {"base": base}
     for arm, folder in runs.items():
         models[arm], _ = load_run_generator(folder)
-    pipe = CtrlUPipeline(config)
+    pipe = CtrlUPipeline(config, generator=base)
     folder = OUT / condition / f"gallery_{reward}_seed{seed}"
     index = write_control_gallery(folder, models, pipe.data, pipe.reward, pipe.evaluation_reward, pipe.options,
                                   examples=8, samples=1, seed=EVAL_SEED, uncertainty_scale=config.uncertainty_scale,
