@@ -319,3 +319,55 @@ def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, t
                     "eval_controllability"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-6), key  # the losses are float32
+
+
+def test_the_shipped_sd15_path_fp16_ema_warmup_and_resume(tiny_sd_dir, tmp_path):
+    """configs/ctrl_u_sd15_ade20k.yaml's training path on the tiny model: fp16 autocast, EMA, a warm-up schedule,
+    and a run stopped and resumed equal to one that never stopped (weights, EMA, logged losses). Fails if an fp16
+    update is skipped (non-finite gradients through the decode and the reward model), if the schedule steps per
+    micro-batch instead of per update, if EMA does not cover the ControlNet, or if the resumed run redraws other
+    examples, timesteps or noise."""
+    import json
+
+    settings = dict(epochs=4, train_batch_size=2, **{
+        "trainer.mixed_precision": "fp16", "trainer.ema": True, "trainer.ema_decay": 0.5,
+        "trainer.lr_schedule": "constant_with_warmup", "trainer.lr_warmup_steps": 2, "trainer.keep_checkpoints": 0})
+
+    def pipeline(folder, **more):
+        pipe = _pipeline(tiny_sd_dir, folder)
+        data = {**settings, **more}
+        for key, value in data.items():
+            target = pipe.config
+            *path, last = key.split(".")
+            for part in path:
+                target = getattr(target, part)
+            setattr(target, last, value)
+        return pipe
+
+    straight = tmp_path / "straight"
+    pipeline(straight).train()
+    assert not (straight / "warnings.log").exists(), (straight / "warnings.log").read_text()
+    checkpoints = straight / "checkpoints"
+    start, raw = (load_file(str(checkpoints / f"step_00000{i}" / "trainable.safetensors")) for i in (0, 3))
+    ema = load_file(str(checkpoints / "step_000003" / "ema.safetensors"))
+    assert ema.keys() == raw.keys() and all(k.startswith("controlnet.") for k in raw)
+    assert any(not torch.equal(start[k], raw[k]) for k in raw)
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    # Two micro-batches per update; warm-up over 2 updates: after the first update the rate is half.
+    groups = torch.load(checkpoints / "step_000000" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert groups[0]["lr"] == pytest.approx(0.5e-3, rel=1e-9)
+
+    resumed = tmp_path / "resumed"
+    pipeline(resumed, epochs=2).train()
+    # Only the length changes, which a constant-after-warm-up schedule does not depend on.
+    pipeline(resumed, **{"trainer.resume": "latest", "trainer.allow_config_change": True}).train()
+    for name in ("trainable.safetensors", "ema.safetensors"):
+        a = load_file(str(checkpoints / "step_000003" / name))
+        b = load_file(str(resumed / "checkpoints" / "step_000003" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    def losses(folder):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["diffusion_loss"], r["reward_loss"]) for r in rows if "diffusion_loss" in r}
+
+    assert losses(resumed) == losses(straight)
