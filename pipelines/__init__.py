@@ -13,6 +13,7 @@ PIPELINES: dict[str, str] = {
     "draft": "pipelines.draft:DRaFTPipeline",
     "dragon": "pipelines.dragon:DRAGONPipeline",
     "drakes": "pipelines.drakes:DRAKESPipeline",
+    "gflownet": "pipelines.gflownet:GFlowNetPipeline",
     "parrot": "pipelines.parrot:ParrotPipeline",
     "prdp": "pipelines.prdp:PRDPPipeline",
 }

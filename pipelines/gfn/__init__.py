@@ -1,0 +1,1 @@
+"""GFlowNet building blocks: losses, environments, policies, preferences and the replay buffer."""

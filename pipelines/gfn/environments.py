@@ -1,0 +1,366 @@
+"""GFlowNet environments: states, actions, masks and objectives of the tasks (spec ../shared/specs/gflownets.md).
+
+An environment is a DAG of states built by forward actions from one initial state. States of a batch are one
+long tensor [B, D]; the last forward action index is "stop" where the environment has one (it ends the
+trajectory in a sink, and its backward probability is 1). Every objective is maximised and strictly positive,
+so that log R is defined for any scalarisation; each task documents the transform that makes it so.
+
+* `HyperGrid` — the D-dimensional grid of side H (Bengio et al., 2021): increment one coordinate or stop. Its
+  single-objective reward is the corner landscape R0 + R1·[all |x/(H−1) − ½| > ¼] + R2·[all ¼·1.2 < … < ¼·1.6];
+  its multi-objective form (D = 2) has the Branin and Currin functions as objectives, as in MOGFN's grid task.
+  Every terminal state can be enumerated, so the exact target distribution and the true Pareto front are known.
+* `SequenceTask` — sequences over an alphabet built left to right (P_B = 1): the N-grams task (counts of given
+  bigrams, variable length with a stop action) and the DNA world (fixed length, the reward oracle's two
+  cell-type activities).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from genalign.config import ConfigError
+
+
+class Environment:
+    """What the samplers, policies and the pipeline know of a task.
+
+    Attributes:
+        num_actions: forward actions, the stop action (if any) last.
+        num_backward_actions: backward actions (0 when every state has one parent, as in sequences).
+        max_steps: T, the most transitions of a trajectory (the stop included).
+        objective_names: one per objective; `objectives()` returns [B, K] in this order.
+        has_stop: whether the last forward action is "stop".
+    """
+
+    num_actions: int
+    num_backward_actions: int
+    max_steps: int
+    objective_names: tuple[str, ...]
+    has_stop: bool
+
+    def initial_states(self, batch: int, device: torch.device | str = "cpu") -> Tensor:
+        """[B, D] long: s_0 for every trajectory."""
+        raise NotImplementedError
+
+    def forward_mask(self, states: Tensor) -> Tensor:
+        """[B, num_actions] bool: the actions allowed in each state (none in a terminal one)."""
+        raise NotImplementedError
+
+    def backward_mask(self, states: Tensor) -> Tensor:
+        """[B, num_backward_actions] bool: the parents of each state, as backward actions."""
+        raise NotImplementedError
+
+    def step(self, states: Tensor, actions: Tensor) -> Tensor:
+        """The states after taking `actions` [B] (a stop leaves the state as it is: the object is complete)."""
+        raise NotImplementedError
+
+    def backward_action(self, actions: Tensor) -> Tensor:
+        """[B] the backward action that undoes each forward action (ignored for stop actions)."""
+        raise NotImplementedError
+
+    def is_stop(self, actions: Tensor) -> Tensor:
+        return actions == self.num_actions - 1 if self.has_stop else torch.zeros_like(actions, dtype=torch.bool)
+
+    def is_terminal(self, states: Tensor) -> Tensor:
+        """[B] bool: a state with no forward action but stop; without a stop action, a complete object."""
+        raise NotImplementedError
+
+    def objectives(self, terminals: Tensor) -> Tensor:
+        """[B, K] float64, strictly positive, maximised: the objectives of terminal states (one reward call)."""
+        raise NotImplementedError
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        """[N] distances between paired terminal states, for the diversity metric."""
+        raise NotImplementedError
+
+    def describe(self, terminals: Tensor) -> list[str]:
+        """Readable strings of terminal states (for galleries and logs)."""
+        raise NotImplementedError
+
+    def enumerate_terminals(self) -> Tensor | None:
+        """Every terminal state, [N, D], when the task is small enough to enumerate; else None."""
+        return None
+
+
+# --------------------------------------------------------------------------------------------------- HyperGrid
+def _branin(u: Tensor, v: Tensor) -> Tensor:
+    """Branin on [0, 1]² (rescaled from [−5, 10] × [0, 15]); a function to minimise, range about [0.4, 308]."""
+    x, y = 15 * u - 5, 15 * v
+    return (y - 5.1 / (4 * math.pi**2) * x**2 + 5 / math.pi * x - 6) ** 2 + 10 * (1 - 1 / (8 * math.pi)) * torch.cos(x) + 10
+
+
+def _currin(u: Tensor, v: Tensor) -> Tensor:
+    """Currin's exponential function on [0, 1]² (to maximise; the v = 0 limit is 1·(2300u³ + …)/(100u³ + …))."""
+    v = v.clamp_min(1e-9)
+    return (1 - torch.exp(-1 / (2 * v))) * (2300 * u**3 + 1900 * u**2 + 2092 * u + 60) / (
+        100 * u**3 + 500 * u**2 + 4 * u + 20)
+
+
+@dataclass
+class HyperGrid(Environment):
+    """The D-dimensional grid {0 … H−1}^D. Forward actions: increment coordinate d (d < D), or stop (D).
+    Backward actions: decrement coordinate d. A trajectory has at most D·(H−1) increments and the stop.
+
+    `objectives`:
+      * "corners" (any D): the one objective R0 + R1·[∀d |x_d/(H−1) − ½| > ¼] + R2·[∀d 0.3 < |…| < 0.4];
+      * "branin_currin" (D = 2): −Branin and Currin on the unit square, each min–max normalised over the grid to
+        [floor, 1], so the smallest value is `floor` rather than 0 and log R stays finite.
+    """
+
+    ndim: int = 2
+    height: int = 8
+    reward: str = "corners"
+    r0: float = 1e-3
+    r1: float = 0.5
+    r2: float = 2.0
+    floor: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.ndim < 1 or self.height < 2:
+            raise ConfigError(f"HyperGrid needs ndim ≥ 1 and height ≥ 2; got ndim={self.ndim}, height={self.height}")
+        if self.reward not in ("corners", "branin_currin"):
+            raise ConfigError(f"HyperGrid reward must be 'corners' or 'branin_currin'; got '{self.reward}'")
+        if self.reward == "branin_currin" and self.ndim != 2:
+            raise ConfigError(f"the branin_currin HyperGrid is two-dimensional; set ndim: 2 (got {self.ndim})")
+        self.num_actions = self.ndim + 1
+        self.num_backward_actions = self.ndim
+        self.max_steps = self.ndim * (self.height - 1) + 1
+        self.has_stop = True
+        self.objective_names = ("reward",) if self.reward == "corners" else ("branin", "currin")
+        if self.reward == "branin_currin":
+            everything = self._raw_objectives(self.enumerate_terminals())
+            self._low, self._high = everything.amin(0), everything.amax(0)
+
+    def initial_states(self, batch: int, device: torch.device | str = "cpu") -> Tensor:
+        return torch.zeros(batch, self.ndim, dtype=torch.long, device=device)
+
+    def forward_mask(self, states: Tensor) -> Tensor:
+        stop = torch.ones(len(states), 1, dtype=torch.bool, device=states.device)
+        return torch.cat([states < self.height - 1, stop], dim=1)
+
+    def backward_mask(self, states: Tensor) -> Tensor:
+        return states > 0
+
+    def step(self, states: Tensor, actions: Tensor) -> Tensor:
+        increment = torch.nn.functional.one_hot(actions.clamp_max(self.ndim - 1), self.ndim)
+        return states + increment * (actions < self.ndim)[:, None]
+
+    def backward_action(self, actions: Tensor) -> Tensor:
+        return actions.clamp_max(self.ndim - 1)
+
+    def is_terminal(self, states: Tensor) -> Tensor:
+        return (states == self.height - 1).all(1)
+
+    def _raw_objectives(self, terminals: Tensor) -> Tensor:
+        u = terminals.to(torch.float64) / (self.height - 1)
+        return torch.stack([-_branin(u[:, 0], u[:, 1]), _currin(u[:, 0], u[:, 1])], dim=1)
+
+    def objectives(self, terminals: Tensor) -> Tensor:
+        if self.reward == "corners":
+            centred = (terminals.to(torch.float64) / (self.height - 1) - 0.5).abs()
+            outer = (centred > 0.25).all(1)
+            ring = ((centred > 0.3) & (centred < 0.4)).all(1)
+            return (self.r0 + self.r1 * outer + self.r2 * ring)[:, None]
+        raw = self._raw_objectives(terminals)
+        scaled = (raw - self._low.to(raw.device)) / (self._high - self._low).to(raw.device)
+        return self.floor + (1 - self.floor) * scaled
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        return (a - b).abs().sum(1).to(torch.float64)
+
+    def describe(self, terminals: Tensor) -> list[str]:
+        return ["(" + ", ".join(str(int(v)) for v in row) + ")" for row in terminals]
+
+    def enumerate_terminals(self) -> Tensor:
+        axes = [torch.arange(self.height)] * self.ndim
+        return torch.cartesian_prod(*axes).reshape(-1, self.ndim)
+
+
+# --------------------------------------------------------------------------------------------------- sequences
+@dataclass
+class SequenceTask(Environment):
+    """Sequences over `alphabet` written left to right. A state is [B, L] token ids with `pad` (= V) after its
+    prefix; forward actions append a token (0 … V−1) or, for variable-length tasks, stop (V) once the prefix has
+    `min_length` tokens; every state has one parent, so P_B = 1 and there are no backward actions.
+
+    `score` maps complete sequences [B, L] (padded with V) to [B, K] strictly positive objectives.
+    """
+
+    alphabet: str
+    max_length: int
+    min_length: int
+    score: Callable[[Tensor], Tensor]
+    objective_names: tuple[str, ...]
+    fixed_length: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_length <= self.max_length:
+            raise ConfigError(f"need 1 ≤ min_length ≤ max_length; got {self.min_length}, {self.max_length}")
+        self.vocab_size = len(self.alphabet)
+        self.pad = self.vocab_size
+        self.has_stop = not self.fixed_length
+        self.num_actions = self.vocab_size + int(self.has_stop)
+        self.num_backward_actions = 0
+        self.max_steps = self.max_length + int(self.has_stop)
+
+    def lengths(self, states: Tensor) -> Tensor:
+        return (states != self.pad).sum(1)
+
+    def initial_states(self, batch: int, device: torch.device | str = "cpu") -> Tensor:
+        return torch.full((batch, self.max_length), self.pad, dtype=torch.long, device=device)
+
+    def forward_mask(self, states: Tensor) -> Tensor:
+        n = self.lengths(states)[:, None]
+        tokens = (n < self.max_length).expand(-1, self.vocab_size)
+        if not self.has_stop:
+            return tokens
+        return torch.cat([tokens, n >= self.min_length], dim=1)
+
+    def backward_mask(self, states: Tensor) -> Tensor:
+        return torch.zeros(len(states), 0, dtype=torch.bool, device=states.device)
+
+    def step(self, states: Tensor, actions: Tensor) -> Tensor:
+        n = self.lengths(states)
+        writes = actions < self.vocab_size
+        rows = torch.nonzero(writes).squeeze(1)
+        out = states.clone()
+        out[rows, n[rows]] = actions[rows]
+        return out
+
+    def backward_action(self, actions: Tensor) -> Tensor:
+        return torch.zeros_like(actions)
+
+    def is_terminal(self, states: Tensor) -> Tensor:
+        return self.lengths(states) == self.max_length
+
+    def objectives(self, terminals: Tensor) -> Tensor:
+        values = self.score(terminals).to(torch.float64)
+        if values.ndim == 1:
+            values = values[:, None]
+        if bool((values <= 0).any()) or not bool(torch.isfinite(values).all()):
+            raise ValueError(f"the {'/'.join(self.objective_names)} objectives must be finite and positive (log R "
+                             f"is taken); got min {float(values.min())}")
+        return values
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        """Levenshtein distance between the sequences (Hamming for fixed-length tasks)."""
+        if self.fixed_length:
+            return (a != b).sum(1).to(torch.float64)
+        return torch.tensor([_levenshtein(x, y) for x, y in zip(self._tokens(a), self._tokens(b))], dtype=torch.float64)
+
+    def _tokens(self, states: Tensor) -> list[list[int]]:
+        return [[t for t in row.tolist() if t != self.pad] for row in states]
+
+    def describe(self, terminals: Tensor) -> list[str]:
+        return ["".join(self.alphabet[t] for t in row) for row in self._tokens(terminals)]
+
+    def encode(self, texts: Sequence[str]) -> Tensor:
+        """Strings → padded [B, L] ids; a letter outside the alphabet raises ValueError naming it."""
+        out = torch.full((len(texts), self.max_length), self.pad, dtype=torch.long)
+        for i, text in enumerate(texts):
+            if len(text) > self.max_length:
+                raise ValueError(f"sequence {i} has {len(text)} letters; this task's sequences have ≤ {self.max_length}")
+            for j, letter in enumerate(text):
+                if letter not in self.alphabet:
+                    raise ValueError(f"sequence {i} has '{letter}' at position {j}, not in the alphabet '{self.alphabet}'")
+                out[i, j] = self.alphabet.index(letter)
+        return out
+
+    def enumerate_terminals(self) -> Tensor | None:
+        if sum(self.vocab_size**n for n in range(self.min_length, self.max_length + 1)) > 100_000:
+            return None
+        rows = [self.encode(["".join(p)])[0] for n in range(self.min_length, self.max_length + 1)
+                for p in itertools.product(self.alphabet, repeat=n)]
+        return torch.stack(rows)
+
+
+def _levenshtein(a: list[int], b: list[int]) -> int:
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        current = [i]
+        for j, y in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def bigram_counts(states: Tensor, bigrams: Sequence[str], alphabet: str, pad: int) -> Tensor:
+    """[B, K] occurrences (overlapping) of each bigram in the padded sequences [B, L]."""
+    first, second = states[:, :-1], states[:, 1:]
+    counts = []
+    for bigram in bigrams:
+        a, b = (alphabet.index(letter) for letter in bigram)
+        counts.append(((first == a) & (second == b)).sum(1))
+    return torch.stack(counts, dim=1)
+
+
+def ngrams_task(alphabet: str = "ABCD", bigrams: Sequence[str] = ("AB", "BC", "CA"), max_length: int = 16,
+                min_length: int = 2) -> SequenceTask:
+    """The N-grams task: objective k = (count of bigram k + 1) / (max possible count + 1), in (0, 1] — shifted by
+    one so that a sequence without the bigram scores 1/(c_max + 1) instead of 0 (log R stays finite)."""
+    for bigram in bigrams:
+        if len(bigram) != 2 or any(letter not in alphabet for letter in bigram):
+            raise ConfigError(f"bigram '{bigram}' must be two letters of the alphabet '{alphabet}'")
+    # A bigram "XX" can occur L − 1 times; "XY" with X ≠ Y at most ⌊L/2⌋ times.
+    most = torch.tensor([max_length - 1 if b[0] == b[1] else max_length // 2 for b in bigrams], dtype=torch.float64)
+    pad = len(alphabet)
+
+    def score(states: Tensor) -> Tensor:
+        counts = bigram_counts(states, bigrams, alphabet, pad).to(torch.float64)
+        return (counts + 1) / (most.to(counts.device) + 1)
+
+    return SequenceTask(alphabet=alphabet, max_length=max_length, min_length=min_length, score=score,
+                        objective_names=tuple(bigrams))
+
+
+def dna_task(world: str | Path | None = None, oracle: str = "reward", floor: float = 0.01) -> SequenceTask:
+    """The DNA world's enhancers (fixed length, ACGT) with its oracle's two cell-type activities (HepG2, K562) as
+    objectives. Each activity a is mapped to [floor, 1] by min–max over the world's training sequences (clipped):
+    floor + (1 − floor)·clip((a − a_min)/(a_max − a_min), 0, 1), so log R is finite and 1 is the best activity
+    seen in the data."""
+    from genalign.worlds.dna import ASSETS, DNAWorld
+
+    dna = DNAWorld(world or ASSETS)
+    model = dna.load_oracle(oracle)
+    sequences, _ = dna.dataset()
+    with torch.no_grad():
+        reference = _oracle_scores(model, sequences)
+    low, high = reference.amin(0), reference.amax(0)
+
+    def score(states: Tensor) -> Tensor:
+        with torch.no_grad():
+            values = _oracle_scores(model, states)
+        scaled = ((values - low.to(values.device)) / (high - low).to(values.device)).clamp(0, 1)
+        return floor + (1 - floor) * scaled
+
+    return SequenceTask(alphabet="ACGT", max_length=dna.length, min_length=dna.length, score=score,
+                        objective_names=("hepg2", "k562"), fixed_length=True)
+
+
+def _oracle_scores(model, ids: Tensor, chunk: int = 512) -> Tensor:
+    model = model.to(ids.device)
+    return torch.cat([model(ids[i : i + chunk]).to(torch.float64) for i in range(0, len(ids), chunk)])
+
+
+TASKS: dict[str, Callable[..., Environment]] = {
+    "hypergrid": HyperGrid,
+    "ngrams": ngrams_task,
+    "dna": dna_task,
+}
+
+
+def build_task(name: str, kwargs: dict) -> Environment:
+    """The task registered under `name` with its settings; an unknown name or setting raises ConfigError."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown GFlowNet task '{name}'; available: {', '.join(sorted(TASKS))}")
+    try:
+        return TASKS[name](**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"task '{name}': {error} (see pipelines/gfn/environments.py for its settings)") from None
