@@ -67,8 +67,8 @@ class SamplingConfig:
     the state's elements) and `batch_size` apply to every family; the rest to one family each, and None means
     that family's default: guidance_scale, eta, negative_prompt and expansion_guidance_scale (diffusion and audio;
     w2 of Parrot's original-prompt-centred guidance), height, width (diffusion), audio_length_in_s (audio),
-    temperature, length (masked). Setting one that the model's family does not have
-    is an error."""
+    temperature, length, final_step ("argmax" or "sample": whether the last step has a density) (masked).
+    Setting one that the model's family does not have is an error."""
 
     num_inference_steps: PositiveInt = 10
     log_prob_reduction: Literal["sum", "mean"] = "sum"
@@ -80,6 +80,7 @@ class SamplingConfig:
     negative_prompt: str | None = None
     temperature: float | None = None
     length: PositiveInt | None = None
+    final_step: Literal["argmax", "sample"] | None = None
     audio_length_in_s: float | None = None
     expansion_guidance_scale: float | None = None
 

@@ -12,8 +12,10 @@ at t:
     q(v)    = p_θ(x_0 = v | x_t)·(m_t − m_s)/m_t   for real v,
     q(MASK) = m_s/m_t;
 positions already unmasked are carried over unchanged (q is a point mass on their token). p_θ = softmax of
-logits/τ (logit temperature τ). The last step (s = 0) takes the argmax of p_θ instead of sampling, so it has no
-density (`Trajectory.trainable` is False there, its log-prob is recorded as 0).
+logits/τ (logit temperature τ). By default the last step (s = 0) takes the argmax of p_θ instead of sampling, so
+it has no density (`Trajectory.trainable` is False there, its log-prob is recorded as 0); `final_step="sample"`
+draws it like every other step, so the trajectory's log-probability is that of the whole path to x_0 (what
+trajectory-level objectives such as relative trajectory balance need).
 
 The log-probability of a step is log π(x_s | x_t) = Σ_{i masked at t} log q_i(x_{s,i}), computed in float64
 from the model's logits both while sampling and in `step_log_prob` (the same code), so an unchanged model
@@ -135,12 +137,15 @@ class MaskedSamplingOptions:
         length: sequence length L (None: the model's `config.length`).
         log_prob_reduction: a step's log-probability summed over the L positions ("sum", the true density) or
             averaged over them ("mean", the per-position scale that DDPO's ε = 1e-4 is calibrated for).
+        final_step: "argmax" (the last step takes the most likely tokens; no density) or "sample" (drawn, with
+            its density: every step of the trajectory is then trainable).
     """
 
     num_inference_steps: int = 100
     temperature: float = 1.0
     length: int | None = None
     log_prob_reduction: Literal["sum", "mean"] = "sum"
+    final_step: Literal["argmax", "sample"] = "argmax"
 
 
 @dataclass(frozen=True)
@@ -570,8 +575,10 @@ class MaskedDiffusionGenerator:
         return MaskedSamplingOptions()
 
     def trainable_steps(self, options: MaskedSamplingOptions) -> torch.Tensor:
-        """[T] bool: every step but the last (the argmax, which has no density)."""
-        return torch.arange(options.num_inference_steps) < options.num_inference_steps - 1
+        """[T] bool: every step but the last when it is the argmax (which has no density); every step when
+        `final_step="sample"`."""
+        last = options.num_inference_steps - (options.final_step == "argmax")
+        return torch.arange(options.num_inference_steps) < last
 
     def _masking_levels(self, step_index: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """m_t, m_s [B] float64 for step k: t = 1 − k/T, s = 1 − (k+1)/T (one formula for sampling and
@@ -595,7 +602,7 @@ class MaskedDiffusionGenerator:
         """One sampled step k: x_s [B, L] and (if `record`) log π(x_s | x_t) [B] float64 (0 on the argmax step)."""
         B, L = x_t.shape
         log_q = self.transition_log_probs(x_t, torch.full((B,), k, device=x_t.device), options, conditioning)
-        if k == options.num_inference_steps - 1:
+        if k == options.num_inference_steps - 1 and options.final_step == "argmax":
             # Only still-masked positions take the argmax: padding (see `_initial_state`) stays as it is.
             x_s = torch.where(x_t == self.mask_id, log_q[..., : self.mask_id].argmax(-1), x_t)
             return x_s, (torch.zeros(B, dtype=torch.float64, device=x_t.device) if record else None)

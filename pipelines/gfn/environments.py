@@ -274,11 +274,14 @@ class SequenceTask(Environment):
         return out
 
     def enumerate_terminals(self) -> Tensor | None:
-        if sum(self.vocab_size**n for n in range(self.min_length, self.max_length + 1)) > 100_000:
+        """Every sequence of min_length … max_length tokens when there are at most 20,000 of them."""
+        if sum(self.vocab_size**n for n in range(self.min_length, self.max_length + 1)) > 20_000:
             return None
-        rows = [self.encode(["".join(p)])[0] for n in range(self.min_length, self.max_length + 1)
-                for p in itertools.product(self.alphabet, repeat=n)]
-        return torch.stack(rows)
+        rows = []
+        for n in range(self.min_length, self.max_length + 1):
+            body = torch.cartesian_prod(*[torch.arange(self.vocab_size)] * n).reshape(-1, n)
+            rows.append(torch.cat([body, torch.full((len(body), self.max_length - n), self.pad)], dim=1))
+        return torch.cat(rows)
 
 
 def _levenshtein(a: list[int], b: list[int]) -> int:
