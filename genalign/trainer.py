@@ -103,6 +103,7 @@ class ParameterGroup:
 
     parameters: dict[str, torch.nn.Parameter]
     learning_rate: float
+    weight_decay: float | None = None  # None: the trainer's; 0 for quantities such as log Z that are not weights
 
 
 class EMA:
@@ -233,12 +234,16 @@ class Trainer:
             for group_name, group in (extra_parameters or {}).items()
             for name, p in group.parameters.items()
         }
+        # The generator was moved above; extra parameters belong to no module of it, so they move here.
+        for p in self.extra_parameters.values():
+            p.data = p.data.to(self.accelerator.device)
         # Train in float32 even if the model was loaded in half precision; autocast handles mixed precision.
         for p in [*self.parameters, *self.extra_parameters.values()]:
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
         groups = [{"params": self.parameters, "lr": config.learning_rate}]
-        groups += [{"params": list(group.parameters.values()), "lr": group.learning_rate}
+        groups += [{"params": list(group.parameters.values()), "lr": group.learning_rate,
+                    "weight_decay": config.weight_decay if group.weight_decay is None else group.weight_decay}
                    for group in (extra_parameters or {}).values()]
         self.optimizer = torch.optim.AdamW(
             groups,

@@ -16,6 +16,7 @@ PIPELINES: dict[str, str] = {
     "gflownet": "pipelines.gflownet:GFlowNetPipeline",
     "parrot": "pipelines.parrot:ParrotPipeline",
     "prdp": "pipelines.prdp:PRDPPipeline",
+    "rtb": "pipelines.rtb:RTBPipeline",
 }
 
 

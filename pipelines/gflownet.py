@@ -247,10 +247,10 @@ class GFlowNetPipeline:
         trainer = Trainer(
             _PolicyModules(self.policy), c.trainer, accumulation_steps=1, total_updates=c.epochs,
             run_config=to_dict(c),
-            extra_parameters={"log_z": ParameterGroup(dict(self.log_z.named_parameters()), c.log_z_learning_rate)},
+            extra_parameters={"log_z": ParameterGroup(dict(self.log_z.named_parameters()), c.log_z_learning_rate,
+                                                      weight_decay=0.0)},
         )
         self.trained_policy = trainer.generator.wrapped
-        self.log_z.to(trainer.device)
         start, state = trainer.resume_if_requested()
         if self.replay is not None and state.get("replay"):
             self.replay.load_state_dict(state["replay"])

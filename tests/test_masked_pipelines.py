@@ -156,6 +156,23 @@ def test_extra_parameter_groups_train_with_their_own_rate_and_tensor_state_is_ch
     assert torch.equal(state["nested"]["stats"], torch.ones(2))
 
 
+def test_an_extra_group_can_opt_out_of_weight_decay(tmp_path):
+    """Catches a log Z decayed towards 0 with the weights (AdamW's decoupled decay multiplies it by 1 − lr·wd per
+    step whatever its gradient): with a zero gradient, the group with weight_decay=0 keeps its value and the one
+    left at the trainer's setting shrinks by exactly that factor."""
+    kept, decayed = torch.nn.Parameter(torch.full((2,), 3.0)), torch.nn.Parameter(torch.full((2,), 3.0))
+    toy = _Toy()
+    config = TrainerConfig(output_dir=str(tmp_path / "run"), progress=False, lora=LoRAConfig(enabled=False),
+                           learning_rate=1e-3, weight_decay=0.25)
+    trainer = Trainer(toy, config, extra_parameters={"kept": ParameterGroup({"v": kept}, 0.5, weight_decay=0.0),
+                                                     "decayed": ParameterGroup({"v": decayed}, 0.5)})
+    with trainer.accumulate():
+        trainer.backward(toy.forward_module(torch.ones(1, 2)).sum() + 0 * (kept.sum() + decayed.sum()))
+        trainer.optimizer_step()
+    assert torch.equal(kept.detach(), torch.full((2,), 3.0))
+    assert torch.allclose(decayed.detach(), torch.full((2,), 3.0 * (1 - 0.5 * 0.25)))
+
+
 def test_extra_parameter_gradients_are_averaged_over_processes(tmp_path, torchrun):
     """Process 0 pushes log Z down (gradient +1), process 1 up (gradient −3): averaged, both step up by the
     learning rate; unsynchronised, they would part ways."""
