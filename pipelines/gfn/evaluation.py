@@ -162,7 +162,8 @@ def write_gallery(evaluation: Evaluation, env, folder: str | Path, title: str = 
             axis.plot(true_front[order, a], true_front[order, b], "k--", lw=1, label="true front")
         axis.set_xlabel(names[a])
         axis.set_ylabel(names[b])
-    axes[0][0].legend(fontsize=6, loc="lower left")
+    if k > 1:
+        axes[0][0].legend(fontsize=6, loc="lower left")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(folder / "pareto_front.png", dpi=120)
