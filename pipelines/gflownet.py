@@ -151,9 +151,11 @@ class GFlowNetPipeline:
         size = (self.num_objectives * c.condition_bins if self.conditioned_on_preference else 0)
         size += c.condition_bins if c.beta_range else 0
         self.condition_size = size
-        self.policy = build_policy(self.env, size, c.policy.hidden, c.policy.layers, c.policy.heads,
-                                   c.policy.uniform_backward)
-        self.log_z = LogPartition(size, c.policy.hidden)
+        with torch.random.fork_rng(devices=[]):  # the initial weights follow the run's seed, not the caller's RNG
+            torch.manual_seed(c.trainer.seed)
+            self.policy = build_policy(self.env, size, c.policy.hidden, c.policy.layers, c.policy.heads,
+                                       c.policy.uniform_backward)
+            self.log_z = LogPartition(size, c.policy.hidden)
         self.replay = (ReplayBuffer(c.replay_capacity, self.env.max_steps, self.num_objectives)
                        if c.replay_capacity else None)
 
