@@ -5,7 +5,8 @@ For a sampling trajectory τ = (s_0 → … → s_T = x) the loss is
 
     δ(τ) = log Z + Σ_t log p_φ(s_{t+1} | s_t) − Σ_t log p_pre(s_{t+1} | s_t) − β·log r(x),    L = mean δ(τ)²,
 
-with a learned scalar log Z (its own parameter group at `log_z_learning_rate`, no weight decay). At δ ≡ 0 the
+with a learned scalar log Z (its own parameter group at `log_z_learning_rate`, no weight decay; by default set
+from the first micro-batch, see `log_z_init`). At δ ≡ 0 the
 fine-tuned trajectory distribution is p_pre(τ)·r(x)^β / Z, whose marginal over x is the posterior. The
 trajectories are detached, so RTB trains off-policy: each update draws `batch_size` trajectories, the first
 `prior_fraction` of them (by global index) from the pretrained model (through the protocol's `reference()`) and
@@ -51,6 +52,11 @@ class RTBConfig(PipelineConfig):
     reward_transform: Literal["identity", "log"] = "identity"
     prior_fraction: Annotated[float, AtLeast(0)] = 0.0  # share of each batch drawn from p_pre
     log_z_learning_rate: Annotated[float, AtLeast(0)] = 0.1
+    # "first_batch": a fresh run sets log Z to the value that minimises the loss on its first micro-batch,
+    # mean(β·log r − log p_φ + log p_pre) over every process, before the first backward. With a large β·r the
+    # residuals otherwise start far from 0 (e.g. −β·r ≈ −110 on the DNA world) and the first hundreds of updates
+    # go to moving log Z. "zero": start at log Z = 0.
+    log_z_init: Literal["first_batch", "zero"] = "first_batch"
     chunk_steps: PositiveInt = 16  # sampling steps whose log-probabilities are backpropagated together
 
 
@@ -107,6 +113,9 @@ class RTBPipeline(Pipeline):
                 with torch.no_grad(), trainer.autocast():
                     log_p, log_pre = self._trajectory_log_probs(trajectory, prior, steps)
                 log_r = self.log_reward(scores).to(trainer.device)
+                if epoch == 0 and first == 0 and c.log_z_init == "first_batch":
+                    with torch.no_grad():
+                        self.log_z.fill_(float(trainer.gather(c.beta * log_r - log_p + log_pre).mean()))
                 delta = self.log_z.detach().double() + log_p - log_pre - c.beta * log_r
                 for j, chunk_steps in enumerate(chunks):
                     with trainer.accumulate():

@@ -191,6 +191,42 @@ def test_an_update_applies_the_gradient_of_the_whole_loss_image_diffusion(tiny_s
     assert len(log_z_grads) == 2 and all(g > 1e-4 for g in log_z_grads)
 
 
+def test_a_fresh_run_starts_log_z_at_the_first_batch_minimiser(tmp_path, monkeypatch):
+    """With log Z frozen (learning rate 0), log Z after one update is what the first micro-batch set it to: it
+    must equal mean(β·log r − log p_φ + log p_pre) of that batch recomputed before the step, so the first
+    update's mean residual is 0. With log_z_init: zero it stays 0. Catches an initialisation from the wrong sign
+    or terms, one applied after the first backward, or one that overrides log_z_init."""
+    generator, seen = toy_generator(), []
+    original = generator.sample
+
+    def recording(*args, **kwargs):
+        rollout = original(*args, **kwargs)
+        seen.append(rollout)
+        return rollout
+
+    monkeypatch.setattr(generator, "sample", recording)
+    for init, expect_zero in (("first_batch", False), ("zero", True)):
+        seen.clear()
+        pipeline = RTBPipeline(masked_config(tmp_path / init, epochs=1, batch_size=8, train_batch_size=8,
+                                             log_z_learning_rate=0.0, log_z_init=init,
+                                             **{"trainer.learning_rate": 0.0}),
+                               generator=generator)
+        pipeline.train()
+        rollouts = [r for r in seen if r.trajectory is not None]
+        steps = torch.nonzero(rollouts[0].trajectory.trainable).flatten().tolist()
+        terms = []
+        with torch.no_grad():
+            for rollout in rollouts:
+                log_p = sum(generator.step_log_prob(rollout.trajectory, k) for k in steps)
+                with generator.reference():
+                    log_pre = sum(generator.step_log_prob(rollout.trajectory, k) for k in steps)
+                log_r = pipeline.log_reward(pipeline.reward(rollout.outputs, rollout.texts).rewards)
+                terms.append(pipeline.config.beta * log_r - log_p.double() + log_pre.double())
+        expected = 0.0 if expect_zero else float(torch.cat(terms).mean())
+        assert float(pipeline.log_z.detach()) == pytest.approx(expected, abs=1e-5), init
+        assert expect_zero or abs(expected) > 0.5  # the initial value is not 0 by accident
+
+
 def test_a_resumed_run_ends_with_the_weights_and_log_z_of_an_uninterrupted_one(tmp_path):
     """Catches a resume that loses log Z or its optimiser state, redraws the interrupted epoch's trajectories
     (or its prior rows) differently, or loses the frozen reference copy."""
