@@ -69,7 +69,7 @@ def evaluate_policy(pipeline, config) -> Evaluation:
     beta = c.beta_range[1] if c.beta_range else c.beta
     n = config.samples_per_preference
     generator = torch.Generator().manual_seed(config.seed)
-    terminals, objectives, top_rewards, diversities, tvs = [], [], [], [], []
+    terminals, objectives, tvs = [], [], []
     exact = env.enumerate_terminals() is not None and c.objective != "op"
     for preference in preferences:
         rows = preference[None].expand(n, -1)
@@ -77,24 +77,36 @@ def evaluate_policy(pipeline, config) -> Evaluation:
         condition = pipeline.condition(rows, betas)
         condition = None if condition is None else condition.to(device)
         uniforms = torch.rand(n, env.max_steps, generator=generator, dtype=torch.float64).to(device)
-        trajectories = sample_trajectories(env, pipeline.policy, uniforms, condition)
-        x = trajectories.terminals
-        values = env.objectives(x).cpu()
+        x = sample_trajectories(env, pipeline.policy, uniforms, condition).terminals
         terminals.append(x.cpu())
-        objectives.append(values)
-        reward = scalarised_reward(values, rows, c.scalarisation)
-        top = torch.topk(reward, min(10, n)).indices
-        top_rewards.append(float(reward[top].mean()))
-        diversities.append(_mean_pairwise_distance(env, x[top.to(x.device)].cpu()))
+        objectives.append(env.objectives(x).cpu())
         if exact:
             tvs.append(_total_variation(pipeline, preference, beta, None if condition is None else condition[0]))
-    all_objectives = torch.cat(objectives)
-    all_terminals = torch.cat(terminals)
+    evaluation = sample_set_metrics(env, preferences, torch.stack(terminals), torch.stack(objectives),
+                                    c.scalarisation)
+    if tvs:
+        evaluation.metrics["eval_tv"] = float(np.mean(tvs))
+    return evaluation
+
+
+def sample_set_metrics(env, preferences: Tensor, terminals: Tensor, objectives: Tensor,
+                       scalarisation: str) -> Evaluation:
+    """The metrics above but the TV (which needs a policy) of any sampler's sets: preferences [M, K], terminals
+    [M, n, D] and their objectives [M, n, K], set i drawn for preference i (so baselines such as best-of-N are
+    scored exactly as the policy is)."""
+    top_rewards, diversities = [], []
+    for preference, x, values in zip(preferences, terminals, objectives):
+        reward = scalarised_reward(values, preference[None].expand(len(values), -1), scalarisation)
+        top = torch.topk(reward, min(10, len(reward))).indices
+        top_rewards.append(float(reward[top].mean()))
+        diversities.append(_mean_pairwise_distance(env, x[top]))
+    all_objectives = objectives.reshape(-1, objectives.shape[-1])
+    all_terminals = terminals.reshape(-1, terminals.shape[-1])
     metrics = {"eval_top10_reward": float(np.mean(top_rewards)), "eval_top10_diversity": float(np.mean(diversities))}
     for k, name in enumerate(env.objective_names):
         metrics[f"eval_{name}"] = float(all_objectives[:, k].mean())
-    if pipeline.num_objectives > 1:
-        k = pipeline.num_objectives
+    k = all_objectives.shape[1]
+    if k > 1:
         metrics["eval_hypervolume"] = hypervolume(all_objectives, torch.zeros(k, dtype=torch.float64))
         ideal = torch.full((k,), max(1.0, float(all_objectives.max())), dtype=torch.float64)
         metrics["eval_r2"] = r2_indicator(all_objectives, preferences, ideal)
@@ -102,14 +114,12 @@ def evaluate_policy(pipeline, config) -> Evaluation:
         metrics["eval_modes"] = float(len(torch.unique(all_terminals[front], dim=0)))
         enumerated = env.enumerate_terminals()
         if enumerated is not None:
-            everything = env.objectives(enumerated.to(device)).cpu()
+            everything = env.objectives(enumerated).cpu()
             metrics["eval_igd"] = igd(all_objectives, everything[non_dominated_mask(everything)])
     else:
         reward = all_objectives[:, 0]
         metrics["eval_modes"] = float(len(torch.unique(all_terminals[reward >= 0.9 * reward.max()], dim=0)))
-    if tvs:
-        metrics["eval_tv"] = float(np.mean(tvs))
-    return Evaluation(preferences, torch.stack(terminals), torch.stack(objectives), metrics)
+    return Evaluation(preferences, terminals, objectives, metrics)
 
 
 def _total_variation(pipeline, preference: Tensor, beta: float, condition: Tensor | None) -> float:
