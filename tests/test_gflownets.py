@@ -401,3 +401,34 @@ def test_bad_input_is_a_clear_error(tmp_path):
         GFlowNetPipeline(grid_config(tmp_path, beta_range=[2.0, 1.0]))
     with pytest.raises(ConfigError, match="subtb_lamda"):
         grid_config(tmp_path, subtb_lamda=0.5)
+
+
+@pytest.mark.parametrize("objective", ["tb", "db", "reinforce"])
+def test_the_pipeline_loss_wires_policy_log_z_and_reward_as_the_spec_says(tmp_path, objective):
+    """The pipeline's loss on a sampled batch of the two-objective grid at β = 16, recomputed from the policy's
+    outputs: TB with log Z(ω) and β·log R(x|ω); DB with log F(s_0) = log Z(ω); REINFORCE on R(x|ω) at β = 1 with
+    Σ log P_F only. Catches log Z not tied to the initial flow, β or ω dropped from log R, and a REINFORCE
+    baseline trained on R^β (its advantages vanish at large β) or through P_B."""
+    from types import SimpleNamespace
+
+    pipeline = GFlowNetPipeline(grid_config(tmp_path, objective=objective, beta=16.0, scalarisation="weighted_sum",
+                                            **{"task.kwargs.reward": "branin_currin"}))
+    pipeline.trained_policy = pipeline.policy
+    uniforms, preferences, betas = pipeline.draws(0, 0, np.arange(6))
+    condition = pipeline.condition(preferences, betas)
+    batch = sample_trajectories(pipeline.env, pipeline.policy, uniforms, condition, epsilon=0.2)
+    objectives = pipeline.env.objectives(batch.terminals)
+    loss, _ = pipeline.loss(SimpleNamespace(device=torch.device("cpu")), batch, objectives, preferences, betas)
+
+    log_pf, log_pb, log_flows = pipeline.policy(batch.states, batch.actions, batch.lengths, condition)
+    log_z = pipeline.log_z(condition, 6)
+    weighted = (preferences * objectives).sum(1)
+    if objective == "tb":
+        expected = losses.trajectory_balance(log_pf, log_pb, batch.lengths, 16 * weighted.log().float(), log_z)
+    elif objective == "db":
+        flows = torch.cat([log_z[:, None], log_flows[:, 1:]], dim=1)
+        expected = losses.detailed_balance(log_pf, log_pb, flows, batch.lengths, 16 * weighted.log().float())
+    else:
+        advantage = ((weighted - weighted.mean()) / (weighted.std() + 1e-8)).float()
+        expected = -(advantage * log_pf.sum(1)).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
