@@ -1,7 +1,7 @@
 """Engine benchmarks, each reported as a ratio against a baseline measured in the same run.
 
     python scripts/bench.py                 # all benchmarks, markdown table on stdout
-    python scripts/bench.py --only memory   # one of: sampling, masked, ddpo, prdp, memory, attention, shapes, tones, dragon, parrot, ctrl_u
+    python scripts/bench.py --only memory   # one of: sampling, masked, ddpo, prdp, memory, attention, shapes, tones, dragon, parrot, ctrl_u, gflownet
     python scripts/bench.py --out docs/bench.json
 
 Benchmarks:
@@ -32,6 +32,8 @@ Benchmarks:
 - dragon: one DRAGON round on the tones world with a dataset-FAD reward (generation, embedding, set construction,
   DPO updates) against its generation time, with the embedding share and the cache hits; and the leave-one-out set
   construction on cached embeddings vs a loop that embeds every subset it scores.
+- gflownet: rollouts of the GFlowNet sequence transformer (DNA length 128; N-grams 32–36) with its key–value cache
+  vs re-reading the whole prefix at every step, 32 trajectories; with one policy forward+backward's share.
 """
 
 from __future__ import annotations
@@ -574,6 +576,40 @@ def bench_ctrl_u(args) -> list[dict]:
     return rows
 
 
+def bench_gflownet(args) -> list[dict]:
+    """GFlowNet rollouts of the sequence transformer (configs/gflownet_dna.yaml's policy: 64 wide, 2 blocks) on
+    the DNA world's length (128, ACGT) and on N-grams' (36 with a stop action), 32 trajectories: the key–value
+    cached sampler vs re-reading the whole prefix at every step (`cached=False`), and one TB update's policy
+    forward + backward on the sampled batch for scale."""
+    from pipelines.gfn.environments import SequenceTask, ngrams_task
+    from pipelines.gfn.policies import SequencePolicy, sample_trajectories
+
+    tasks = {
+        "dna (L = 128)": SequenceTask(alphabet="ACGT", max_length=128, min_length=128,
+                                      score=lambda x: torch.ones(len(x)), objective_names=("one",), fixed_length=True),
+        "ngrams (L = 32–36)": ngrams_task(min_length=32, max_length=36),
+    }
+    rows = []
+    for name, env in tasks.items():
+        torch.manual_seed(0)
+        policy = SequencePolicy(env, hidden=64, layers=2, heads=4).to(args.device)
+        uniforms = torch.rand(32, env.max_steps, dtype=torch.float64, device=args.device)
+        full = lambda: sample_trajectories(env, policy, uniforms, cached=False)  # noqa: E731
+        fast = lambda: sample_trajectories(env, policy, uniforms)  # noqa: E731
+        t_full, t_fast = paired(full, fast, max(1, args.repeats // 2))
+        batch = fast()
+
+        def update():
+            log_pf, _, _ = policy(batch.states, batch.actions, batch.lengths)
+            log_pf.sum().backward()
+
+        t_update = timed(update, args.repeats)
+        rows.append({"benchmark": f"gflownet rollout, {name}, 32 trajectories", "baseline": "re-read the prefix each step",
+                     "baseline_s": t_full, "ours_s": t_fast, "ratio": t_fast / t_full, "samples_per_s": 32 / t_fast,
+                     "update_share": t_update / (t_update + t_fast)})
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| benchmark | baseline | baseline s | ours s | ratio (ours / baseline) | extra |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -586,7 +622,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["sampling", "masked", "ddpo", "prdp", "memory", "attention", "shapes", "tones", "dragon", "parrot", "ctrl_u"])
+    parser.add_argument("--only", choices=["sampling", "masked", "ddpo", "prdp", "memory", "attention", "shapes", "tones", "dragon", "parrot", "ctrl_u", "gflownet"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -602,7 +638,7 @@ def main() -> None:
     torch.manual_seed(0)
     benches = {"sampling": bench_sampling, "masked": bench_masked, "ddpo": bench_ddpo, "prdp": bench_prdp, "memory": bench_memory, "attention": bench_attention,
                "shapes": bench_shapes, "tones": bench_tones, "dragon": bench_dragon, "parrot": bench_parrot,
-               "ctrl_u": bench_ctrl_u}
+               "ctrl_u": bench_ctrl_u, "gflownet": bench_gflownet}
     rows = []
     for name, fn in benches.items():
         if args.only and name != args.only:

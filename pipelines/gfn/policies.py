@@ -135,10 +135,20 @@ class _CausalBlock(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, cache: list[Tensor] | None = None) -> Tensor:
+        """h [B, n, W] → [B, n, W]. With `cache` ([keys, values] of the earlier positions, [B, heads, m, W/heads]
+        each, or empty), h holds only the n new positions, attends to the cached ones too, and extends the cache."""
         b, n, width = h.shape
         q, k, v = self.qkv(self.norm1(h)).reshape(b, n, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = [k, v]
+        # One new position attends to every cached one; several new ones from an empty cache are causal.
+        causal = cache is None or n > 1
+        if cache is not None and n > 1 and k.shape[2] != n:
+            raise ValueError("a cached block takes several new positions only into an empty cache")
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         h = h + self.out(attended.transpose(1, 2).reshape(b, n, width))
         return h + self.mlp(self.norm2(h))
 
@@ -162,17 +172,27 @@ class SequencePolicy(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, env.num_actions + 1)
 
+    def _embed(self, x: Tensor, start: int, condition: Tensor | None) -> Tensor:
+        """Token ids x [B, n] at positions start … start+n−1 of [BOS; tokens] → [B, n, W]; the conditioning is
+        added at position 0 (BOS)."""
+        h = self.tokens(x) + self.positions(torch.arange(start, start + x.shape[1], device=x.device))
+        if start == 0 and self.condition is not None and condition is not None:
+            h = h + F.pad(self.condition(condition.to(h.dtype))[:, None], (0, 0, 0, x.shape[1] - 1))
+        return h
+
     def _outputs(self, tokens: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         """tokens [B, L] → action logits [B, L+1, A] and log F [B, L+1] of the states with 0 … L tokens."""
         bos = torch.full_like(tokens[:, :1], self.env.vocab_size + 1)
-        x = torch.cat([bos, tokens], dim=1)
-        h = self.tokens(x) + self.positions(torch.arange(x.shape[1], device=x.device))
-        if self.condition is not None and condition is not None:
-            h = h + F.pad(self.condition(condition.to(h.dtype))[:, None], (0, 0, 0, x.shape[1] - 1))
+        h = self._embed(torch.cat([bos, tokens], dim=1), 0, condition)
         for block in self.blocks:
             h = block(h)
         out = self.head(self.norm(h))
         return out[..., :-1], out[..., -1]
+
+    def stepper(self, condition: Tensor | None, batch: int) -> "CachedSteps":
+        """An incremental decoder for one rollout of `batch` sequences (keys and values of earlier positions
+        kept), so that sampling costs one position per step instead of re-reading the whole prefix."""
+        return CachedSteps(self, condition, batch)
 
     @torch.no_grad()
     def step_logits(self, states: Tensor, condition: Tensor | None) -> Tensor:
@@ -201,6 +221,31 @@ class SequencePolicy(nn.Module):
         log_pf = _pick(log_probs[:, :steps], actions, valid)
         flows = log_flow[:, : steps + 1] if steps + 1 <= log_flow.shape[1] else F.pad(log_flow, (0, 1))
         return log_pf, torch.zeros_like(log_pf), flows
+
+
+class CachedSteps:
+    """`SequencePolicy.step_logits` for the successive states s_0, s_1, … of one rollout, each step feeding only
+    the newest token through the blocks. Call `logits` once per step, in order, with every row's state at that
+    step (rows already stopped are read but their logits are meaningless, as the sampler ignores them)."""
+
+    def __init__(self, policy: SequencePolicy, condition: Tensor | None, batch: int) -> None:
+        self.policy, self.condition, self.batch = policy, condition, batch
+        self.caches: list[list[Tensor]] = [[] for _ in policy.blocks]
+        self.step = 0
+
+    @torch.no_grad()
+    def logits(self, states: Tensor) -> Tensor:
+        """states [B, L] at step t (t tokens written in live rows) → forward logits [B, A]."""
+        policy, t = self.policy, self.step
+        if t == 0:
+            new = torch.full((self.batch, 1), policy.env.vocab_size + 1, dtype=torch.long, device=states.device)
+        else:
+            new = states[:, t - 1 : t]
+        h = policy._embed(new, t, self.condition)
+        for block, cache in zip(policy.blocks, self.caches):
+            h = block(h, cache)
+        self.step += 1
+        return policy.head(policy.norm(h))[:, 0, :-1]
 
 
 class LogPartition(nn.Module):
@@ -233,11 +278,13 @@ def build_policy(env: Environment, condition_size: int, hidden: int, layers: int
 
 @torch.no_grad()
 def sample_trajectories(env: Environment, policy: nn.Module, uniforms: Tensor, condition: Tensor | None = None, *,
-                        epsilon: float = 0.0, temperature: float = 1.0) -> Trajectories:
+                        epsilon: float = 0.0, temperature: float = 1.0, cached: bool = True) -> Trajectories:
     """Roll out B trajectories with the policy's forward logits, tempered (logits / temperature) and mixed with the
     uniform distribution over allowed actions with weight ε (off-policy exploration; ε = 0, temperature 1 is
     on-policy). The action of step t of row b is the inverse CDF at uniforms[b, t] ([B, T] in [0, 1)), so a row's
     trajectory depends only on its own uniforms and conditioning: sharding rows over processes changes nothing.
+    A policy with a `stepper` (the sequence transformer's key–value cache) is stepped incrementally unless
+    `cached` is False (the reference path: every step re-reads the whole state).
     """
     batch, steps = uniforms.shape
     if steps < env.max_steps:
@@ -248,13 +295,15 @@ def sample_trajectories(env: Environment, policy: nn.Module, uniforms: Tensor, c
     actions = torch.full((batch, env.max_steps), -1, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    stepper = policy.stepper(condition, batch) if cached and hasattr(policy, "stepper") else None
     for t in range(env.max_steps):
         mask = env.forward_mask(state)
         live = ~done & mask.any(1)
         if not bool(live.any()):
             states += [state] * (env.max_steps - t)
             break
-        probs = torch.softmax((policy.step_logits(state, condition).double() / temperature)
+        logits = stepper.logits(state) if stepper is not None else policy.step_logits(state, condition)
+        probs = torch.softmax((logits.double() / temperature)
                               .masked_fill(~mask, float("-inf")), dim=-1)
         allowed = mask.double()
         probs = (1 - epsilon) * probs + epsilon * allowed / allowed.sum(1, keepdim=True).clamp_min(1)
