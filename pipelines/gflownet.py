@@ -144,6 +144,11 @@ class GFlowNetPipeline:
             raise ConfigError("replay_batch and replay_capacity go together: set both (off-policy replay) or neither")
         if c.epsilon > 1:
             raise ConfigError(f"epsilon is a probability of a uniform action; got {c.epsilon}")
+        if c.objective == "reinforce" and (c.epsilon or c.temperature != 1 or c.replay_capacity):
+            # Off-policy samples without importance weights bias the policy gradient, and a negative advantage
+            # on an exploratory action drives its log-probability to −∞ (measured: the loss diverged to −6,000).
+            raise ConfigError("objective: reinforce is an on-policy baseline: set epsilon: 0, temperature: 1 and "
+                              "replay_capacity: 0, replay_batch: 0")
         self.config = c
         self.env = env or build_task(c.task.name, c.task.kwargs)
         self.num_objectives = len(self.env.objective_names)
