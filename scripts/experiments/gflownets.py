@@ -1,6 +1,6 @@
 """GFlowNets against their baselines at equal reward-call budgets, several seeds (spec ../shared/specs/gflownets.md).
 
-    python scripts/experiments/gflownets.py run --task grid,ngrams,dna --seeds 0,1,2 --jobs 2
+    python scripts/experiments/gflownets.py run --task grid,ngrams,dna,dna_mo --seeds 0,1,2 --jobs 2
     python scripts/experiments/gflownets.py report --out runs/experiments/gflownets
 
 Tasks and methods:
@@ -12,6 +12,9 @@ Tasks and methods:
   uniform-action sampler.
 * ngrams — configs/gflownet_ngrams.yaml at lengths 12–16 (the shipped 32–36 is beyond this CPU budget): the same
   four methods; OP-GFN there is objective=op with op_balance=subtb.
+* dna_mo — configs/gflownet_dna.yaml as shipped (128-bp enhancers from scratch, the reward oracle's HepG2 and
+  K562 activities as the two objectives, 600 updates of 32): the same four methods, and the dna task's
+  pretrained and DRAKES samples (which saw the HepG2 reward only) scored on the same preference grid.
 * dna — RTB (configs/rtb_dna.yaml) against DRAKES (configs/drakes_dna.yaml, as shipped) and the pretrained model
   on the DNA world, both fine-tuning the same pretrained masked diffusion model: at DRAKES' budget (30 updates of
   16 = 480 reward calls; DRAKES' calls carry reward gradients, RTB's are black-box) and at 5× (rtb_long). All are
@@ -26,8 +29,8 @@ on the grid).
 
 `run` starts one process per (task, method, seed), `--jobs` at a time, each writing
 <out>/<task>_<method>_<seed>/result.json (skipped when it exists). `report` prints markdown tables (mean ± std
-over seeds), writes <out>/summary.json and the figures docs/results/gflownets_grid_fronts.png and
-docs/results/gflownets_rtb_dna.png.
+over seeds), writes <out>/summary.json and the figures docs/results/gflownets_{grid,dna_mo}_fronts.png
+(seed 0's samples in objective space) and docs/results/gflownets_rtb_dna.png.
 """
 
 from __future__ import annotations
@@ -50,13 +53,16 @@ sys.path.insert(0, str(ROOT))
 
 GFN_METHODS = ("mogfn_tb", "op_gfn", "reinforce", "best_of_n")
 DNA_METHODS = ("pretrained", "drakes", "rtb", "rtb_long")
-METHODS = {"grid": GFN_METHODS, "ngrams": GFN_METHODS, "dna": DNA_METHODS}
+# On the two-objective DNA task the pretrained model's and DRAKES' samples of the dna task are scored too.
+PRETRAINED_SETS = ("pretrained", "drakes")
+METHODS = {"grid": GFN_METHODS, "ngrams": GFN_METHODS, "dna": DNA_METHODS, "dna_mo": GFN_METHODS + PRETRAINED_SETS}
 
 SETTINGS = {
     "grid": {"config": "configs/gflownet_hypergrid_mo.yaml", "op_config": "configs/gflownet_hypergrid_op.yaml",
              "overrides": ["task.kwargs.height=32", "epochs=1500"]},
     "ngrams": {"config": "configs/gflownet_ngrams.yaml", "op_config": None,
                "overrides": ["task.kwargs.min_length=12", "task.kwargs.max_length=16", "epochs=1000"]},
+    "dna_mo": {"config": "configs/gflownet_dna.yaml", "op_config": None, "overrides": []},
 }
 RTB_LONG_EPOCHS = 150
 
@@ -112,11 +118,34 @@ def _best_of_n(task: str, seed: int, folder: Path):
     return evaluation, len(preferences) * kept * draws
 
 
+def _pretrained_set(task: str, method: str, seed: int, folder: Path):
+    """The dna task's samples of `method` (the pretrained model or DRAKES, one HepG2 reward) scored on the
+    two-objective task: the same first n samples at every evaluation preference (they ignore ω)."""
+    from pipelines.gflownet import GFlowNetPipeline
+    from pipelines.gfn.evaluation import evaluation_preferences, sample_set_metrics
+
+    source = folder.parent / f"dna_{method}_{seed}" / "samples.txt"
+    if not source.exists():
+        raise FileNotFoundError(f"{source} is missing: run the dna task's {method} first (--task dna)")
+    config = _gfn_config(task, "mogfn_tb", seed, folder)
+    env = GFlowNetPipeline(config).env
+    kept = config.eval.samples_per_preference
+    x = env.encode(source.read_text().split("\n")[:kept])
+    preferences = evaluation_preferences(len(env.objective_names), config.eval.preference_divisions)
+    m = len(preferences)
+    evaluation = sample_set_metrics(env, preferences, x[None].expand(m, -1, -1), env.objectives(x)[None].expand(m, -1, -1),
+                                    config.scalarisation)
+    calls = json.loads((source.parent / "result.json").read_text())["reward_calls"]
+    return evaluation, calls
+
+
 def _gfn_run(task: str, method: str, seed: int, folder: Path) -> dict:
     from pipelines.gflownet import GFlowNetPipeline
     from pipelines.gfn.evaluation import evaluate_policy
 
-    if method == "best_of_n":
+    if method in PRETRAINED_SETS:
+        evaluation, calls = _pretrained_set(task, method, seed, folder)
+    elif method == "best_of_n":
         evaluation, calls = _best_of_n(task, seed, folder)
     else:
         config = _gfn_config(task, method, seed, folder)
@@ -188,8 +217,11 @@ def run(args) -> None:
         print(f"{task} {method} seed {seed}: {'done' if code == 0 else f'failed ({code})'}", flush=True)
         return code
 
+    # dna_mo's pretrained and DRAKES sets read the dna task's samples: they go after every other run.
+    later = [job for job in todo if job[0] == "dna_mo" and job[1] in PRETRAINED_SETS]
     with ThreadPoolExecutor(args.jobs) as pool:
-        codes = list(pool.map(launch, todo))
+        codes = list(pool.map(launch, [job for job in todo if job not in later]))
+        codes += list(pool.map(launch, later))
     if any(codes):
         sys.exit(1)
 
@@ -199,6 +231,8 @@ COLUMNS = {
              "reward_calls"],
     "ngrams": ["eval_hypervolume", "eval_r2", "eval_top10_reward", "eval_top10_diversity", "eval_modes",
                "reward_calls"],
+    "dna_mo": ["eval_hypervolume", "eval_r2", "eval_top10_reward", "eval_top10_diversity", "eval_hepg2", "eval_k562",
+               "eval_modes", "reward_calls"],
     "dna": ["eval_oracle_median", "reward_oracle_mean", "gold_activity_mean", "diversity", "log_likelihood_bound",
             "kmer3_correlation_top", "reward_calls"],
 }
@@ -213,23 +247,29 @@ def _plots(out: Path, results: list[dict], docs: Path) -> None:
     from pipelines.gfn.environments import HyperGrid
     from rewards.pareto import non_dominated_mask
 
-    grid = [r for r in results if r["task"] == "grid" and r["seed"] == 0]
-    if grid:
-        env = HyperGrid(ndim=2, height=32, reward="branin_currin")
-        everything = env.objectives(env.enumerate_terminals())
-        front = everything[non_dominated_mask(everything)]
-        front = front[torch.argsort(front[:, 0])]
-        figure, axes = plt.subplots(1, len(grid), figsize=(3.6 * len(grid), 3.4), squeeze=False)
-        for axis, r in zip(axes[0], sorted(grid, key=lambda r: GFN_METHODS.index(r["method"]))):
-            samples = torch.load(out / f"grid_{r['method']}_0" / "samples.pt")["objectives"].reshape(-1, 2)
-            axis.scatter(everything[:, 0], everything[:, 1], s=2, color="0.85")
+    for task, names, true_front in (("grid", ("−Branin (scaled)", "Currin (scaled)"), True),
+                                    ("dna_mo", ("HepG2 (scaled)", "K562 (scaled)"), False)):
+        mine = sorted((r for r in results if r["task"] == task and r["seed"] == 0),
+                      key=lambda r: METHODS[task].index(r["method"]))
+        if not mine:
+            continue
+        figure, axes = plt.subplots(1, len(mine), figsize=(3.4 * len(mine), 3.3), squeeze=False, sharey=True)
+        if true_front:
+            env = HyperGrid(ndim=2, height=32, reward="branin_currin")
+            everything = env.objectives(env.enumerate_terminals())
+            front = everything[non_dominated_mask(everything)]
+            front = front[torch.argsort(front[:, 0])]
+        for axis, r in zip(axes[0], mine):
+            samples = torch.load(out / f"{task}_{r['method']}_0" / "samples.pt")["objectives"].reshape(-1, 2)
+            if true_front:
+                axis.scatter(everything[:, 0], everything[:, 1], s=2, color="0.85")
+                axis.plot(front[:, 0], front[:, 1], "k--", lw=1)
             axis.scatter(samples[:, 0], samples[:, 1], s=5, alpha=0.4)
-            axis.plot(front[:, 0], front[:, 1], "k--", lw=1)
             axis.set_title(f"{r['method']}  HV {r['eval_hypervolume']:.3f}", fontsize=9)
-            axis.set_xlabel("−Branin (scaled)")
-        axes[0][0].set_ylabel("Currin (scaled)")
+            axis.set_xlabel(names[0])
+        axes[0][0].set_ylabel(names[1])
         figure.tight_layout()
-        figure.savefig(docs / "gflownets_grid_fronts.png", dpi=110)
+        figure.savefig(docs / f"gflownets_{task}_fronts.png", dpi=110)
         plt.close(figure)
     dna = [r for r in results if r["task"] == "dna"]
     if dna:
@@ -279,7 +319,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run")
-    p_run.add_argument("--task", default="grid,ngrams,dna")
+    p_run.add_argument("--task", default="grid,ngrams,dna,dna_mo")
     p_run.add_argument("--methods", default="", help="comma-separated; default: every method of the task")
     p_run.add_argument("--seeds", default="0,1,2")
     p_run.add_argument("--jobs", type=int, default=2)
