@@ -12,6 +12,8 @@ so that log R is defined for any scalarisation; each task documents the transfor
 * `SequenceTask` — sequences over an alphabet built left to right (P_B = 1): the N-grams task (counts of given
   bigrams, variable length with a stop action) and the DNA world (fixed length, the reward oracle's two
   cell-type activities).
+* `MutationTask` — up to M point mutations of a parent sequence, in increasing position order (P_B = 1): the
+  protein world's RFP task (predicted stability vs ProteinMPNN naturalness on one backbone).
 """
 
 from __future__ import annotations
@@ -347,6 +349,172 @@ def dna_task(world: str | Path | None = None, oracle: str = "reward", floor: flo
                         objective_names=("hepg2", "k562"), fixed_length=True)
 
 
+# --------------------------------------------------------------------------------------------------- mutations
+@dataclass
+class MutationTask(Environment):
+    """Designs made by 1 … `max_edits` point mutations of a parent sequence (LaMBO's and MOGFN's RFP setting:
+    edit a known protein rather than write one from nothing). Mutations are made in increasing position order and
+    each changes its residue, so every design has exactly one trajectory and P_B = 1, as for sequences.
+
+    A state is [B, L + 1]: the residues, then the position after the last mutation (0 at the start). Forward
+    actions: position·V + residue (a residue different from the parent's, at a position past the last
+    mutation, while fewer than `max_edits` are made), then stop (once `min_edits` are made). `score` maps
+    designs [B, L] to [B, K] strictly positive objectives.
+    """
+
+    parent: str
+    alphabet: str
+    max_edits: int
+    score: Callable[[Tensor], Tensor]
+    objective_names: tuple[str, ...]
+    min_edits: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_edits <= self.max_edits or self.max_edits < 1:
+            raise ConfigError(f"need 0 ≤ min_edits ≤ max_edits and max_edits ≥ 1; got {self.min_edits}, {self.max_edits}")
+        bad = sorted(set(self.parent) - set(self.alphabet))
+        if bad:
+            raise ConfigError(f"the parent sequence has letters {bad} outside the alphabet '{self.alphabet}'")
+        self.vocab_size = len(self.alphabet)
+        self.length = len(self.parent)
+        self.parent_ids = torch.tensor([self.alphabet.index(c) for c in self.parent])
+        self.has_stop = True
+        self.num_actions = self.length * self.vocab_size + 1
+        self.num_backward_actions = 0
+        self.max_steps = self.max_edits + 1
+
+    def designs(self, states: Tensor) -> Tensor:
+        """[B, L] the residues of states [B, L + 1]."""
+        return states[:, : self.length]
+
+    def edits(self, states: Tensor) -> Tensor:
+        """[B] the number of mutations made."""
+        return (self.designs(states) != self.parent_ids.to(states.device)).sum(1)
+
+    def initial_states(self, batch: int, device: torch.device | str = "cpu") -> Tensor:
+        start = torch.cat([self.parent_ids, torch.zeros(1, dtype=torch.long)])
+        return start.to(device)[None].expand(batch, -1).clone()
+
+    def forward_mask(self, states: Tensor) -> Tensor:
+        b, n, v = len(states), self.length, self.vocab_size
+        edits = self.edits(states)
+        position = torch.arange(n, device=states.device)[None, :]
+        open_positions = (position >= states[:, n : n + 1]) & (edits < self.max_edits)[:, None]  # [B, L]
+        different = torch.nn.functional.one_hot(self.parent_ids.to(states.device), v).bool().logical_not()  # [L, V]
+        mutations = (open_positions[:, :, None] & different[None]).reshape(b, n * v)
+        return torch.cat([mutations, (edits >= self.min_edits)[:, None]], dim=1)
+
+    def backward_mask(self, states: Tensor) -> Tensor:
+        return torch.zeros(len(states), 0, dtype=torch.bool, device=states.device)
+
+    def step(self, states: Tensor, actions: Tensor) -> Tensor:
+        rows = torch.nonzero(~self.is_stop(actions)).squeeze(1)
+        position, residue = actions[rows] // self.vocab_size, actions[rows] % self.vocab_size
+        out = states.clone()
+        out[rows, position] = residue
+        out[rows, self.length] = position + 1
+        return out
+
+    def backward_action(self, actions: Tensor) -> Tensor:
+        return torch.zeros_like(actions)
+
+    def is_terminal(self, states: Tensor) -> Tensor:
+        return (self.edits(states) >= self.max_edits) | (states[:, self.length] >= self.length)
+
+    def objectives(self, terminals: Tensor) -> Tensor:
+        values = self.score(self.designs(terminals)).to(torch.float64)
+        if values.ndim == 1:
+            values = values[:, None]
+        if bool((values <= 0).any()) or not bool(torch.isfinite(values).all()):
+            raise ValueError(f"the {'/'.join(self.objective_names)} objectives must be finite and positive (log R "
+                             f"is taken); got min {float(values.min())}")
+        return values
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        return (self.designs(a) != self.designs(b)).sum(1).to(torch.float64)
+
+    def enumerate_terminals(self) -> Tensor | None:
+        """Every design (min_edits … max_edits mutations) when there are at most 20,000 of them."""
+        counts = [math.comb(self.length, k) * (self.vocab_size - 1) ** k
+                  for k in range(self.min_edits, self.max_edits + 1)]
+        if sum(counts) > 20_000:
+            return None
+        rows = []
+        for k in range(self.min_edits, self.max_edits + 1):
+            for positions in itertools.combinations(range(self.length), k):
+                choices = [[v for v in range(self.vocab_size) if v != int(self.parent_ids[p])] for p in positions]
+                for residues in itertools.product(*choices):
+                    row = torch.cat([self.parent_ids, torch.tensor([positions[-1] + 1 if positions else 0])])
+                    row[list(positions)] = torch.tensor(residues, dtype=torch.long)
+                    rows.append(row)
+        return torch.stack(rows)
+
+    def trajectory_actions(self, terminals: Tensor) -> tuple[Tensor, Tensor]:
+        """The unique trajectory of each design: actions [N, T] (its mutations by position, then stop; −1 after)
+        and lengths [N]."""
+        designs = self.designs(terminals)
+        changed = designs != self.parent_ids.to(terminals.device)
+        actions = torch.full((len(terminals), self.max_steps), -1, dtype=torch.long, device=terminals.device)
+        lengths = changed.sum(1) + 1
+        for row in range(len(terminals)):
+            positions = torch.nonzero(changed[row]).squeeze(1)
+            actions[row, : len(positions)] = positions * self.vocab_size + designs[row, positions]
+            actions[row, len(positions)] = self.num_actions - 1
+        return actions, lengths
+
+    def describe(self, terminals: Tensor) -> list[str]:
+        """Each design as its mutations from the parent, e.g. "K45R,G67A" (1-based positions)."""
+        parent = self.parent_ids.to(terminals.device)
+        out = []
+        for row in self.designs(terminals):
+            changed = torch.nonzero(row != parent).squeeze(1).tolist()
+            out.append(",".join(f"{self.parent[i]}{i + 1}{self.alphabet[int(row[i])]}" for i in changed) or "parent")
+        return out
+
+
+def rfp_task(backbone: str = "2vad_A", world: str | Path | None = None, oracle: str = "reward", max_edits: int = 8,
+             floor: float = 0.01) -> MutationTask:
+    """The protein world's RFP design task: up to `max_edits` mutations of a backbone's native sequence, with two
+    objectives —
+
+    * stability: the world's stability oracle ("reward" for training, "eval" for evaluation) of predicted FoldX
+      stability, min–max scaled over the world's labelled FoldX range to [floor, 1] (clipped);
+    * naturalness: exp(mean_i log q_i(x_i)), the geometric-mean probability of the design's residues under
+      ProteinMPNN's structure-only profile q_i of the backbone (every position masked; one forward per task), in
+      (0, 1]: how well the design fits the fold, as ProteinMPNN reads it.
+    """
+    from genalign.generators.proteinmpnn import PROTEIN_ALPHABET, ProteinMPNNDenoiser
+    from genalign.worlds.protein import DEFAULT_WORLD, ProteinWorld
+    from rewards.sequence import SequenceOracle
+
+    protein = ProteinWorld(world or DEFAULT_WORLD)
+    if backbone not in protein.natives:
+        raise ConfigError(f"unknown backbone '{backbone}'; the protein world has {', '.join(sorted(protein.natives))}")
+    if oracle not in ("reward", "eval"):
+        raise ConfigError(f"oracle must be 'reward' or 'eval'; got '{oracle}'")
+    model = SequenceOracle.load(protein.reward_oracle_dir if oracle == "reward" else protein.eval_oracle_dir)
+    model.requires_grad_(False)
+    foldx = torch.tensor(protein.dataset()["foldx"], dtype=torch.float64)
+    low, high = foldx.min(), foldx.max()
+    mpnn = ProteinMPNNDenoiser.from_package()
+    length = len(protein.natives[backbone])
+    with torch.no_grad():
+        masked = torch.full((1, length), mpnn.vocab_size, dtype=torch.long)
+        logits = mpnn(masked, mpnn.condition_tensors([backbone]))[0, :, : mpnn.vocab_size]
+    profile = torch.log_softmax(logits.double(), dim=-1)  # [L, V] in PROTEIN_ALPHABET order
+    positions = torch.arange(length)
+
+    def score(designs: Tensor) -> Tensor:
+        with torch.no_grad():
+            stability = _oracle_scores(model, designs).reshape(-1)
+        scaled = ((stability - low.to(stability.device)) / (high - low).to(stability.device)).clamp(0, 1)
+        natural = profile.to(designs.device)[positions.to(designs.device), designs].mean(1).exp()
+        return torch.stack([floor + (1 - floor) * scaled, natural], dim=1)
+
+    return MutationTask(parent=protein.natives[backbone], alphabet=PROTEIN_ALPHABET, max_edits=max_edits,
+                        score=score, objective_names=("stability", "naturalness"))
+
+
 def _oracle_scores(model, ids: Tensor, chunk: int = 512) -> Tensor:
     model = model.to(ids.device)
     return torch.cat([model(ids[i : i + chunk]).to(torch.float64) for i in range(0, len(ids), chunk)])
@@ -356,6 +524,7 @@ TASKS: dict[str, Callable[..., Environment]] = {
     "hypergrid": HyperGrid,
     "ngrams": ngrams_task,
     "dna": dna_task,
+    "rfp": rfp_task,
 }
 
 

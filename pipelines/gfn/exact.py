@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipelines.gfn.environments import Environment, HyperGrid, SequenceTask
+from pipelines.gfn.environments import Environment, HyperGrid, MutationTask, SequenceTask
 from pipelines.gfn.policies import _masked_log_softmax
 
 
@@ -15,7 +15,7 @@ def terminal_distribution(env: Environment, policy: nn.Module, condition: Tensor
     """(terminals [N, D], P_T(x) [N] float64) of the policy's forward sampler over every terminal state.
 
     HyperGrid: flow propagation in topological order (by coordinate sum) — P(s') = Σ_s P(s)·P_F(s'|s), and
-    P_T(x) = P(x)·P_F(stop|x). Sequences: each has one trajectory, so P_T(x) = Π_t P_F. `condition` is [C]
+    P_T(x) = P(x)·P_F(stop|x). Sequences and mutation designs: each has one trajectory, so P_T(x) = Π_t P_F. `condition` is [C]
     (one conditioning vector for every state)."""
     terminals = env.enumerate_terminals()
     if terminals is None:
@@ -26,6 +26,8 @@ def terminal_distribution(env: Environment, policy: nn.Module, condition: Tensor
         return terminals, _grid_distribution(env, policy, terminals, condition)
     if isinstance(env, SequenceTask):
         return terminals, _sequence_distribution(env, policy, terminals, condition)
+    if isinstance(env, MutationTask):
+        return terminals, _mutation_distribution(env, policy, terminals, condition)
     raise TypeError(f"no exact distribution for a {type(env).__name__}")
 
 
@@ -59,4 +61,13 @@ def _sequence_distribution(env: SequenceTask, policy: nn.Module, terminals: Tens
     n = lengths + int(env.has_stop)
     states = terminals[:, None].expand(-1, steps + 1, -1)  # only the terminal state is read by SequencePolicy
     log_pf, _, _ = policy(states.contiguous(), actions, n, _repeat(condition, len(terminals)))
+    return log_pf.sum(1).double().exp()
+
+
+def _mutation_distribution(env: MutationTask, policy: nn.Module, terminals: Tensor, condition: Tensor | None) -> Tensor:
+    from pipelines.gfn.replay import replay_actions
+
+    actions, lengths = env.trajectory_actions(terminals)
+    trajectories = replay_actions(env, actions, lengths)
+    log_pf, _, _ = policy(trajectories.states, actions, lengths, _repeat(condition, len(terminals)))
     return log_pf.sum(1).double().exp()

@@ -9,6 +9,8 @@ encoded preference and β).
 * `GridPolicy` — an MLP on the one-hot coordinates of a HyperGrid state with forward, backward and flow heads.
 * `SequencePolicy` — a causal transformer (`scaled_dot_product_attention`) over [BOS; tokens]: position t reads
   the prefix of length t and predicts the next action; one pass evaluates every step of a trajectory.
+* `MutationPolicy` — a bidirectional transformer over a design's residues for a `MutationTask` (which
+  position to mutate to which residue, or stop).
 * `LogPartition` — log Z, a scalar or (conditioned) a small MLP of the conditioning, trained in its own
   parameter group at a higher learning rate.
 """
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines.gfn.environments import Environment, HyperGrid, SequenceTask
+from pipelines.gfn.environments import Environment, HyperGrid, MutationTask, SequenceTask
 
 
 @dataclass
@@ -127,9 +129,12 @@ class GridPolicy(nn.Module):
 
 
 class _CausalBlock(nn.Module):
-    def __init__(self, hidden: int, heads: int) -> None:
+    """A pre-norm transformer block on `scaled_dot_product_attention`; causal unless `causal=False`."""
+
+    def __init__(self, hidden: int, heads: int, causal: bool = True) -> None:
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
@@ -145,7 +150,7 @@ class _CausalBlock(nn.Module):
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[:] = [k, v]
         # One new position attends to every cached one; several new ones from an empty cache are causal.
-        causal = cache is None or n > 1
+        causal = self.causal and (cache is None or n > 1)
         if cache is not None and n > 1 and k.shape[2] != n:
             raise ValueError("a cached block takes several new positions only into an empty cache")
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -248,6 +253,62 @@ class CachedSteps:
         return policy.head(policy.norm(h))[:, 0, :-1]
 
 
+class MutationPolicy(nn.Module):
+    """A bidirectional transformer for a `MutationTask`: each position reads its residue, its index and whether it
+    is mutated, and gives the logits of mutating it to each residue; a summary token (carrying the conditioning,
+    the number of mutations made and the position after the last one) gives the stop logit and log F."""
+
+    def __init__(self, env: MutationTask, condition_size: int = 0, hidden: int = 64, layers: int = 2,
+                 heads: int = 4) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
+        self.env = env
+        self.residues = nn.Embedding(env.vocab_size, hidden)
+        self.positions = nn.Embedding(env.length, hidden)
+        self.mutated = nn.Embedding(2, hidden)
+        self.summary = nn.Embedding(env.max_edits + 1, hidden)  # indexed by the number of mutations made
+        self.next_position = nn.Embedding(env.length + 1, hidden)
+        self.condition = nn.Linear(condition_size, hidden) if condition_size else None
+        self.blocks = nn.ModuleList([_CausalBlock(hidden, heads, causal=False) for _ in range(layers)])
+        self.norm = nn.LayerNorm(hidden)
+        self.mutation_head = nn.Linear(hidden, env.vocab_size)
+        self.summary_head = nn.Linear(hidden, 2)  # stop logit, log F
+
+    def _heads(self, states: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
+        """states [N, L + 1] → forward logits [N, L·V + 1], log F [N]."""
+        env = self.env
+        designs = env.designs(states)
+        mutated = (designs != env.parent_ids.to(states.device)).long()
+        h = self.residues(designs) + self.positions.weight[None] + self.mutated(mutated)
+        top = self.summary(mutated.sum(1)) + self.next_position(states[:, env.length])
+        if self.condition is not None and condition is not None:
+            top = top + self.condition(condition.to(top.dtype))
+        h = torch.cat([top[:, None], h], dim=1)
+        for block in self.blocks:
+            h = block(h)
+        h = self.norm(h)
+        summary = self.summary_head(h[:, 0])
+        logits = torch.cat([self.mutation_head(h[:, 1:]).flatten(1), summary[:, :1]], dim=1)
+        return logits, summary[:, 1]
+
+    @torch.no_grad()
+    def step_logits(self, states: Tensor, condition: Tensor | None) -> Tensor:
+        return self._heads(states, condition)[0]
+
+    def forward(self, states: Tensor, actions: Tensor, lengths: Tensor,
+                condition: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Trajectories ([B, T+1, L+1], [B, T], [B]) → log P_F [B, T], log P_B = 0 [B, T], log F [B, T+1]."""
+        b, t1, d = states.shape
+        flat = states.reshape(b * t1, d)
+        cond = None if condition is None else condition.repeat_interleave(t1, dim=0)
+        logits, log_flow = self._heads(flat, cond)
+        log_probs = _masked_log_softmax(logits, self.env.forward_mask(flat)).reshape(b, t1, -1)
+        valid = torch.arange(t1 - 1, device=states.device)[None, :] < lengths[:, None]
+        log_pf = _pick(log_probs[:, :-1], actions, valid)
+        return log_pf, torch.zeros_like(log_pf), log_flow.reshape(b, t1)
+
+
 class LogPartition(nn.Module):
     """log Z: one learned number, or log Z(c) = MLP(c) of the conditioning vector c [B, C]."""
 
@@ -268,11 +329,14 @@ class LogPartition(nn.Module):
 
 def build_policy(env: Environment, condition_size: int, hidden: int, layers: int, heads: int,
                  uniform_backward: bool) -> nn.Module:
-    """The policy for a task: `GridPolicy` for a HyperGrid, `SequencePolicy` for sequence tasks."""
+    """The policy for a task: `GridPolicy` for a HyperGrid, `SequencePolicy` for sequence tasks,
+    `MutationPolicy` for mutation tasks."""
     if isinstance(env, HyperGrid):
         return GridPolicy(env, condition_size, hidden, layers, uniform_backward)
     if isinstance(env, SequenceTask):
         return SequencePolicy(env, condition_size, hidden, layers, heads)
+    if isinstance(env, MutationTask):
+        return MutationPolicy(env, condition_size, hidden, layers, heads)
     raise TypeError(f"no GFlowNet policy for a {type(env).__name__}; add one in pipelines/gfn/policies.py")
 
 
