@@ -15,6 +15,9 @@ Tasks and methods:
 * dna_mo — configs/gflownet_dna.yaml as shipped (128-bp enhancers from scratch, the reward oracle's HepG2 and
   K562 activities as the two objectives, 600 updates of 32): the same four methods, and the dna task's
   pretrained and DRAKES samples (which saw the HepG2 reward only) scored on the same preference grid.
+* rfp — configs/gflownet_rfp.yaml at 200 updates (3,200 reward calls): up to 6 mutations of 2VAD's native RFP,
+  predicted stability vs ProteinMPNN naturalness; the same four methods, plus the held-out stability oracle's
+  score of the evaluation designs.
 * dna — RTB (configs/rtb_dna.yaml) against DRAKES (configs/drakes_dna.yaml, as shipped) and the pretrained model
   on the DNA world, both fine-tuning the same pretrained masked diffusion model: at DRAKES' budget (30 updates of
   16 = 480 reward calls; DRAKES' calls carry reward gradients, RTB's are black-box) and at 5× (rtb_long). All are
@@ -55,7 +58,8 @@ GFN_METHODS = ("mogfn_tb", "op_gfn", "reinforce", "best_of_n")
 DNA_METHODS = ("pretrained", "drakes", "rtb", "rtb_long")
 # On the two-objective DNA task the pretrained model's and DRAKES' samples of the dna task are scored too.
 PRETRAINED_SETS = ("pretrained", "drakes")
-METHODS = {"grid": GFN_METHODS, "ngrams": GFN_METHODS, "dna": DNA_METHODS, "dna_mo": GFN_METHODS + PRETRAINED_SETS}
+METHODS = {"grid": GFN_METHODS, "ngrams": GFN_METHODS, "dna": DNA_METHODS, "dna_mo": GFN_METHODS + PRETRAINED_SETS,
+           "rfp": GFN_METHODS}
 
 SETTINGS = {
     "grid": {"config": "configs/gflownet_hypergrid_mo.yaml", "op_config": "configs/gflownet_hypergrid_op.yaml",
@@ -63,6 +67,7 @@ SETTINGS = {
     "ngrams": {"config": "configs/gflownet_ngrams.yaml", "op_config": None,
                "overrides": ["task.kwargs.min_length=12", "task.kwargs.max_length=16", "epochs=1000"]},
     "dna_mo": {"config": "configs/gflownet_dna.yaml", "op_config": None, "overrides": []},
+    "rfp": {"config": "configs/gflownet_rfp.yaml", "op_config": None, "overrides": ["epochs=200"]},
 }
 RTB_LONG_EPOCHS = 150
 
@@ -153,7 +158,15 @@ def _gfn_run(task: str, method: str, seed: int, folder: Path) -> dict:
         pipeline.train()
         evaluation, calls = evaluate_policy(pipeline, config.eval), pipeline.reward_calls
     torch.save({"preferences": evaluation.preferences, "objectives": evaluation.objectives}, folder / "samples.pt")
-    return {"reward_calls": calls, **evaluation.metrics}
+    metrics = {"reward_calls": calls, **evaluation.metrics}
+    if task == "rfp":  # the held-out stability oracle (trained on another split) on the same designs
+        from pipelines.gfn.environments import build_task
+
+        config = _gfn_config(task, "mogfn_tb", seed, folder)
+        heldout = build_task("rfp", {**config.task.kwargs, "oracle": "eval"})
+        stability = heldout.objectives(evaluation.terminals.reshape(-1, evaluation.terminals.shape[-1]))[:, 0]
+        metrics.update({"heldout_stability_mean": float(stability.mean()), "heldout_stability_max": float(stability.max())})
+    return metrics
 
 
 def _dna_run(method: str, seed: int, folder: Path) -> dict:
@@ -233,6 +246,8 @@ COLUMNS = {
                "reward_calls"],
     "dna_mo": ["eval_hypervolume", "eval_r2", "eval_top10_reward", "eval_top10_diversity", "eval_hepg2", "eval_k562",
                "eval_modes", "reward_calls"],
+    "rfp": ["eval_hypervolume", "eval_r2", "eval_top10_reward", "eval_top10_diversity", "eval_stability",
+            "eval_naturalness", "heldout_stability_mean", "eval_modes", "reward_calls"],
     "dna": ["eval_oracle_median", "reward_oracle_mean", "gold_activity_mean", "diversity", "log_likelihood_bound",
             "kmer3_correlation_top", "reward_calls"],
 }
