@@ -201,7 +201,10 @@ class GFlowNetPipeline:
 
     # ------------------------------------------------------------------ the loss
     def loss(self, trainer: Trainer, trajectories: Trajectories, objectives: torch.Tensor,
-             preferences: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+             preferences: torch.Tensor, betas: torch.Tensor,
+             transitions: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """This process's loss on its share of the update's batch. `transitions` (DB): the global batch's real
+        transitions per process, so that the processes' mean (what the gradient sync takes) is the global DB."""
         c = self.config
         device = trainer.device
         trajectories = trajectories.to(device)
@@ -216,7 +219,7 @@ class GFlowNetPipeline:
         if c.objective == "tb":
             loss = losses.trajectory_balance(log_pf, log_pb, lengths, log_r, log_z)
         elif c.objective == "db":
-            loss = losses.detailed_balance(log_pf, log_pb, log_flows, lengths, log_r)
+            loss = losses.detailed_balance(log_pf, log_pb, log_flows, lengths, log_r, transitions)
         elif c.objective == "subtb":
             loss = losses.subtrajectory_balance(log_pf, log_pb, log_flows, lengths, log_r, c.subtb_lambda)
         elif c.objective == "op":
@@ -300,9 +303,11 @@ class GFlowNetPipeline:
                 batch_objectives = torch.cat([batch_objectives, stored[mine]])
                 preferences = torch.cat([preferences, replay_preferences])
                 betas = torch.cat([betas, replay_betas])
+            transitions = (float(trainer.gather(batch.lengths.to(trainer.device)).sum()) / p
+                           if c.objective == "db" else None)
             with trainer.accumulate():
                 with trainer.autocast():
-                    loss, extra = self.loss(trainer, batch, batch_objectives, preferences, betas)
+                    loss, extra = self.loss(trainer, batch, batch_objectives, preferences, betas, transitions)
                 trainer.backward(loss)
                 trainer.optimizer_step()
             metrics = {

@@ -73,10 +73,13 @@ def detailed_balance_residuals(log_pf: Tensor, log_pb: Tensor, log_flows: Tensor
     return residuals * _valid(lengths, log_pf.shape[1])
 
 
-def detailed_balance(log_pf: Tensor, log_pb: Tensor, log_flows: Tensor, lengths: Tensor, log_reward: Tensor) -> Tensor:
-    """DB (Bengio et al., 2023): the mean of the squared residuals over every real transition in the batch."""
+def detailed_balance(log_pf: Tensor, log_pb: Tensor, log_flows: Tensor, lengths: Tensor, log_reward: Tensor,
+                     transitions: float | None = None) -> Tensor:
+    """DB (Bengio et al., 2023): the mean of the squared residuals over every real transition in the batch —
+    their sum divided by `transitions` (default: this batch's, Σ lengths; a share of a larger batch passes the
+    larger batch's count per share, so that the shares' mean is the whole batch's DB)."""
     residuals = detailed_balance_residuals(log_pf, log_pb, log_flows, lengths, log_reward)
-    return residuals.pow(2).sum() / lengths.sum()
+    return residuals.pow(2).sum() / (lengths.sum() if transitions is None else transitions)
 
 
 def subtrajectory_balance(log_pf: Tensor, log_pb: Tensor, log_flows: Tensor, lengths: Tensor, log_reward: Tensor,
