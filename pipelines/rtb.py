@@ -70,6 +70,9 @@ class RTBPipeline(Pipeline):
         if config.prior_fraction > 1:
             raise ConfigError(f"prior_fraction is the share of each batch drawn from the pretrained model, in [0, 1]; "
                               f"got {config.prior_fraction}")
+        if config.sampling.log_prob_reduction != "sum":
+            raise ConfigError("RTB balances trajectory densities, and a mean over dimensions is not one: set "
+                              "sampling.log_prob_reduction: sum")
         self.log_z = torch.nn.Parameter(torch.zeros((), dtype=torch.float32))
 
     def log_reward(self, scores: torch.Tensor) -> torch.Tensor:

@@ -262,6 +262,8 @@ def test_bad_input_is_a_clear_error(tmp_path):
     pipeline = RTBPipeline(masked_config(tmp_path / "b", reward_transform="log"), generator=toy_generator())
     with pytest.raises(ConfigError, match="reward_transform: identity"):
         pipeline.log_reward(torch.tensor([0.5, 0.0]))
+    with pytest.raises(ConfigError, match="log_prob_reduction: sum"):
+        RTBPipeline(masked_config(tmp_path / "d", **{"sampling.log_prob_reduction": "mean"}), generator=toy_generator())
     with pytest.raises(ConfigError, match="prior_fractoin"):
         masked_config(tmp_path / "c", prior_fractoin=0.5)
     assert build_reward("gc_content", alphabet=ALPHABET).modality == "sequence"
