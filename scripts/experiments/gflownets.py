@@ -15,7 +15,7 @@ Tasks and methods:
 * dna_mo — configs/gflownet_dna.yaml as shipped (128-bp enhancers from scratch, the reward oracle's HepG2 and
   K562 activities as the two objectives, 600 updates of 32): the same four methods, and the dna task's
   pretrained and DRAKES samples (which saw the HepG2 reward only) scored on the same preference grid.
-* rfp — configs/gflownet_rfp.yaml at 200 updates (3,200 reward calls): up to 6 mutations of 2VAD's native RFP,
+* rfp — configs/gflownet_rfp.yaml at 150 updates (2,400 reward calls): up to 6 mutations of 2VAD's native RFP,
   predicted stability vs ProteinMPNN naturalness; the same four methods, plus the held-out stability oracle's
   score of the evaluation designs.
 * dna — RTB (configs/rtb_dna.yaml) against DRAKES (configs/drakes_dna.yaml, as shipped) and the pretrained model
@@ -67,7 +67,7 @@ SETTINGS = {
     "ngrams": {"config": "configs/gflownet_ngrams.yaml", "op_config": None,
                "overrides": ["task.kwargs.min_length=12", "task.kwargs.max_length=16", "epochs=1000"]},
     "dna_mo": {"config": "configs/gflownet_dna.yaml", "op_config": None, "overrides": []},
-    "rfp": {"config": "configs/gflownet_rfp.yaml", "op_config": None, "overrides": ["epochs=200"]},
+    "rfp": {"config": "configs/gflownet_rfp.yaml", "op_config": None, "overrides": ["epochs=150"]},
 }
 RTB_LONG_EPOCHS = 150
 
