@@ -268,7 +268,7 @@ def _plots(out: Path, results: list[dict], docs: Path) -> None:
                       key=lambda r: METHODS[task].index(r["method"]))
         if not mine:
             continue
-        figure, axes = plt.subplots(1, len(mine), figsize=(3.4 * len(mine), 3.3), squeeze=False, sharey=True)
+        figure, axes = plt.subplots(1, len(mine), figsize=(3.4 * len(mine), 3.3), squeeze=False, sharex=True, sharey=True)
         if true_front:
             env = HyperGrid(ndim=2, height=32, reward="branin_currin")
             everything = env.objectives(env.enumerate_terminals())
