@@ -9,6 +9,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the models of these tests are tiny, and a second thread costs more in
+    synchronisation than it saves (10× slower when the other core is busy). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny random SD-layout model written as a normal diffusers folder."""

@@ -11,16 +11,12 @@ from genalign.config import ConfigError, build_config
 from genalign.generators.masked import MaskedDiffusionConfig, MaskedDiffusionGenerator, MaskedSamplingOptions
 from pipelines.drakes import DRAKESConfig, DRAKESPipeline
 from rewards import build_reward
+from tests.helpers.interrupt import interrupt_on_call
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_generator(seed: int, length: int = 10) -> MaskedDiffusionGenerator:
@@ -212,15 +208,8 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
                  "trainer.lora.enabled": False}
     _pipeline(tmp_path / "straight", **overrides).train()
     stopped = _pipeline(tmp_path / "resumed", **overrides)
-    original, calls = stopped.reward.score, {"n": 0}
-
-    def stop_in_the_second_epoch(outputs, conditions=None):
-        calls["n"] += 1
-        if calls["n"] == 4:  # 1 = the base evaluation, then one call per micro-batch (two per epoch)
-            raise KeyboardInterrupt("simulated stop")
-        return original(outputs, conditions)
-
-    stopped.reward.score = stop_in_the_second_epoch
+    # Reward call 4 is in the second epoch: 1 = the base evaluation, then one call per micro-batch (two per epoch).
+    interrupt_on_call(stopped.reward, "score", 4)
     with pytest.raises(KeyboardInterrupt):
         stopped.train()
     _pipeline(tmp_path / "resumed", **overrides, **{"trainer.resume": "latest"}).train()

@@ -19,14 +19,10 @@ from pipelines.gfn.policies import GridPolicy, SequencePolicy, sample_trajectori
 from pipelines.gfn.preferences import scalarised_log_reward
 from pipelines.gfn.replay import ReplayBuffer, replay_actions
 from pipelines.gflownet import GFlowNetConfig, GFlowNetPipeline
+from tests.helpers.interrupt import interrupt_on_call
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grid_config(out_dir: Path, **overrides) -> GFlowNetConfig:
@@ -357,15 +353,7 @@ def test_a_resumed_run_with_replay_equals_an_uninterrupted_one(tmp_path):
                  "replay_batch": 8, "objective": "subtb"}
     GFlowNetPipeline(grid_config(tmp_path / "straight", **overrides)).train()
     stopped = GFlowNetPipeline(grid_config(tmp_path / "resumed", **overrides))
-    original, calls = stopped.loss, {"n": 0}
-
-    def stop_in_the_third_update(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated stop")
-        return original(*args, **kwargs)
-
-    stopped.loss = stop_in_the_third_update
+    interrupt_on_call(stopped, "loss", 3)  # the third update
     with pytest.raises(KeyboardInterrupt):
         stopped.train()
     resumed = GFlowNetPipeline(grid_config(tmp_path / "resumed", **overrides, **{"trainer.resume": "latest"}))

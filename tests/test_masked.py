@@ -26,14 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from bench_masked import bench_masked_sampling  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread costs more in synchronisation than it saves (10x slower when the
-    other core is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_generator(backbone: str = "cnn", *, length: int = 12, seed: int = 0) -> MaskedDiffusionGenerator:

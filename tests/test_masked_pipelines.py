@@ -17,6 +17,7 @@ from genalign.config import build_config, load_yaml
 from genalign.generators.masked import MaskedDiffusionGenerator
 from genalign.trainer import LoRAConfig, ParameterGroup, Trainer, TrainerConfig
 from pipelines import get_pipeline
+from tests.helpers.interrupt import interrupt_on_call
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,16 +71,7 @@ def test_masked_run_resumes_exactly_and_the_command_line_writes_sequences(tmp_pa
     cls(straight).train()
     cls, first = markov_config("ddpo", tmp_path / "resumed", **{**overrides, "epochs": 3})
     pipeline = cls(first)
-    original = pipeline.reward.score
-    calls = {"n": 0}
-
-    def stop_in_epoch_two(outputs, conditions=None):
-        calls["n"] += 1
-        if calls["n"] == 4:  # 1 = base evaluation, then one call per epoch
-            raise KeyboardInterrupt("simulated stop")
-        return original(outputs, conditions)
-
-    pipeline.reward.score = stop_in_epoch_two
+    interrupt_on_call(pipeline.reward, "score", 4)  # 1 = base evaluation, then one call per epoch
     with pytest.raises(KeyboardInterrupt):
         pipeline.train()
     cls, again = markov_config("ddpo", tmp_path / "resumed", **{**overrides, "trainer.resume": "latest"})

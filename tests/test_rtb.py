@@ -15,17 +15,13 @@ from genalign.generators.masked import MaskedDiffusionConfig, MaskedDiffusionGen
 from pipelines import get_pipeline
 from pipelines.rtb import RTBConfig, RTBPipeline
 from rewards import build_reward
+from tests.helpers.interrupt import interrupt_on_call
 from tests.test_ddpo import CountingReward
 
 ALPHABET, LENGTH = "ACG", 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PositionTable(torch.nn.Module):
@@ -114,35 +110,47 @@ def test_rtb_reaches_the_posterior_on_an_enumerable_masked_toy(tmp_path):
     assert abs(metrics["log_z"] - true_log_z) < 0.02, (metrics["log_z"], true_log_z)
 
 
+def record_rollouts(generator, monkeypatch) -> list:
+    """The list that every rollout `generator.sample` returns from now on is appended to (with a trajectory:
+    sampling for training, not the held-out evaluation's)."""
+    sampled, original = [], generator.sample
+
+    def recording(*args, **kwargs):
+        rollout = original(*args, **kwargs)
+        if rollout.trajectory is not None:
+            sampled.append(rollout)
+        return rollout
+
+    monkeypatch.setattr(generator, "sample", recording)
+    return sampled
+
+
+def balance_terms(pipeline: RTBPipeline, rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recomputed apart from the pipeline: Σ log p_φ over the steps with a density (with gradients), Σ log p_pre
+    under reference(), and log r [B] of one recorded rollout."""
+    generator, trajectory = pipeline.generator, rollout.trajectory
+    steps = torch.nonzero(trajectory.trainable).flatten().tolist()
+    log_p = sum(generator.step_log_prob(trajectory, k) for k in steps)
+    with torch.no_grad(), generator.reference():
+        log_pre = sum(generator.step_log_prob(trajectory, k) for k in steps)
+    log_r = pipeline.log_reward(pipeline.reward(rollout.outputs, rollout.texts).rewards).to(log_p.device)
+    return log_p, log_pre, log_r
+
+
 def _check_update_gradients(pipeline: RTBPipeline, monkeypatch, tolerance: float) -> list[float]:
     """Train with a hook that, before every optimiser step, recomputes mean δ² over the update's trajectories in
     one graph (φ's log-probabilities with gradients, p_pre's under reference(), the same log Z) and compares its
     gradient with the one the update applies, to a relative error below `tolerance`. Returns |∇ log Z| per
     update."""
-    generator, reward = pipeline.generator, pipeline.reward
-    sampled = []
-    original = generator.sample
-
-    def recording(*args, **kwargs):
-        rollout = original(*args, **kwargs)
-        sampled.append(rollout)
-        return rollout
-
-    monkeypatch.setattr(generator, "sample", recording)
+    sampled = record_rollouts(pipeline.generator, monkeypatch)
     seen = []
 
     def check(optimizer, args, kwargs):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         applied = [p.grad.clone() for p in params]
-        rollouts = [r for r in sampled if r.trajectory is not None]
-        steps = torch.nonzero(rollouts[0].trajectory.trainable).flatten().tolist()
         deltas = []
-        for rollout in rollouts:
-            trajectory = rollout.trajectory
-            log_p = sum(generator.step_log_prob(trajectory, k) for k in steps)
-            with torch.no_grad(), generator.reference():
-                log_pre = sum(generator.step_log_prob(trajectory, k) for k in steps)
-            log_r = pipeline.log_reward(reward(rollout.outputs, rollout.texts).rewards).to(log_p.device)
+        for rollout in sampled:
+            log_p, log_pre, log_r = balance_terms(pipeline, rollout)
             deltas.append(pipeline.log_z.double() + log_p - log_pre - pipeline.config.beta * log_r)
         loss = torch.cat(deltas).pow(2).mean()
         expected = torch.autograd.grad(loss, params, allow_unused=True)
@@ -196,31 +204,19 @@ def test_a_fresh_run_starts_log_z_at_the_first_batch_minimiser(tmp_path, monkeyp
     must equal mean(β·log r − log p_φ + log p_pre) of that batch recomputed before the step, so the first
     update's mean residual is 0. With log_z_init: zero it stays 0. Catches an initialisation from the wrong sign
     or terms, one applied after the first backward, or one that overrides log_z_init."""
-    generator, seen = toy_generator(), []
-    original = generator.sample
-
-    def recording(*args, **kwargs):
-        rollout = original(*args, **kwargs)
-        seen.append(rollout)
-        return rollout
-
-    monkeypatch.setattr(generator, "sample", recording)
+    generator = toy_generator()
+    sampled = record_rollouts(generator, monkeypatch)
     for init, expect_zero in (("first_batch", False), ("zero", True)):
-        seen.clear()
+        sampled.clear()
         pipeline = RTBPipeline(masked_config(tmp_path / init, epochs=1, batch_size=8, train_batch_size=8,
                                              log_z_learning_rate=0.0, log_z_init=init,
                                              **{"trainer.learning_rate": 0.0}),
                                generator=generator)
         pipeline.train()
-        rollouts = [r for r in seen if r.trajectory is not None]
-        steps = torch.nonzero(rollouts[0].trajectory.trainable).flatten().tolist()
         terms = []
         with torch.no_grad():
-            for rollout in rollouts:
-                log_p = sum(generator.step_log_prob(rollout.trajectory, k) for k in steps)
-                with generator.reference():
-                    log_pre = sum(generator.step_log_prob(rollout.trajectory, k) for k in steps)
-                log_r = pipeline.log_reward(pipeline.reward(rollout.outputs, rollout.texts).rewards)
+            for rollout in sampled:
+                log_p, log_pre, log_r = balance_terms(pipeline, rollout)
                 terms.append(pipeline.config.beta * log_r - log_p.double() + log_pre.double())
         expected = 0.0 if expect_zero else float(torch.cat(terms).mean())
         assert float(pipeline.log_z.detach()) == pytest.approx(expected, abs=1e-5), init
@@ -233,15 +229,8 @@ def test_a_resumed_run_ends_with_the_weights_and_log_z_of_an_uninterrupted_one(t
     overrides = {"epochs": 3, "trainer.keep_checkpoints": 0}
     RTBPipeline(masked_config(tmp_path / "straight", **overrides), generator=toy_generator()).train()
     stopped = RTBPipeline(masked_config(tmp_path / "resumed", **overrides), generator=toy_generator())
-    original, calls = stopped.reward.score, {"n": 0}
-
-    def stop_in_the_second_epoch(outputs, conditions=None):
-        calls["n"] += 1
-        if calls["n"] == 4:  # 1 = the base evaluation, then one call per micro-batch (two per epoch)
-            raise KeyboardInterrupt("simulated stop")
-        return original(outputs, conditions)
-
-    stopped.reward.score = stop_in_the_second_epoch
+    # Reward call 4 is in the second epoch: 1 = the base evaluation, then one call per micro-batch (two per epoch).
+    interrupt_on_call(stopped.reward, "score", 4)
     with pytest.raises(KeyboardInterrupt):
         stopped.train()
     RTBPipeline(masked_config(tmp_path / "resumed", **overrides, **{"trainer.resume": "latest"}),

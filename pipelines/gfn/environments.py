@@ -243,13 +243,7 @@ class SequenceTask(Environment):
         return self.lengths(states) == self.max_length
 
     def objectives(self, terminals: Tensor) -> Tensor:
-        values = self.score(terminals).to(torch.float64)
-        if values.ndim == 1:
-            values = values[:, None]
-        if bool((values <= 0).any()) or not bool(torch.isfinite(values).all()):
-            raise ValueError(f"the {'/'.join(self.objective_names)} objectives must be finite and positive (log R "
-                             f"is taken); got min {float(values.min())}")
-        return values
+        return _checked_objectives(self.score(terminals), self.objective_names)
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
         """Levenshtein distance between the sequences (Hamming for fixed-length tasks)."""
@@ -284,6 +278,18 @@ class SequenceTask(Environment):
             body = torch.cartesian_prod(*[torch.arange(self.vocab_size)] * n).reshape(-1, n)
             rows.append(torch.cat([body, torch.full((len(body), self.max_length - n), self.pad)], dim=1))
         return torch.cat(rows)
+
+
+def _checked_objectives(values: Tensor, names: Sequence[str]) -> Tensor:
+    """A task's scores [B] or [B, K] as [B, K] float64, or ValueError when one is not finite and positive (log R is
+    taken of each)."""
+    values = values.to(torch.float64)
+    if values.ndim == 1:
+        values = values[:, None]
+    if bool((values <= 0).any()) or not bool(torch.isfinite(values).all()):
+        raise ValueError(f"the {'/'.join(names)} objectives must be finite and positive (log R is taken); got min "
+                         f"{float(values.min())}")
+    return values
 
 
 def _levenshtein(a: list[int], b: list[int]) -> int:
@@ -422,13 +428,7 @@ class MutationTask(Environment):
         return (self.edits(states) >= self.max_edits) | (states[:, self.length] >= self.length)
 
     def objectives(self, terminals: Tensor) -> Tensor:
-        values = self.score(self.designs(terminals)).to(torch.float64)
-        if values.ndim == 1:
-            values = values[:, None]
-        if bool((values <= 0).any()) or not bool(torch.isfinite(values).all()):
-            raise ValueError(f"the {'/'.join(self.objective_names)} objectives must be finite and positive (log R "
-                             f"is taken); got min {float(values.min())}")
-        return values
+        return _checked_objectives(self.score(self.designs(terminals)), self.objective_names)
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
         return (self.designs(a) != self.designs(b)).sum(1).to(torch.float64)

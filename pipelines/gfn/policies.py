@@ -74,6 +74,22 @@ def _pick(log_probs: Tensor, index: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, picked, torch.zeros_like(picked))
 
 
+def _every_state(states: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Trajectory states [B, T+1, D] as one batch [B·(T+1), D], each row with its trajectory's conditioning."""
+    b, t1, d = states.shape
+    return states.reshape(b * t1, d), None if condition is None else condition.repeat_interleave(t1, dim=0)
+
+
+def _taken_log_probs(env: Environment, logits: Tensor, flat: Tensor, actions: Tensor,
+                     lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """log P_F of the actions taken [B, T] (0 past each trajectory's end) from the forward logits of every state
+    [B·(T+1), A] (`_every_state` order), and which transitions are real [B, T]."""
+    b, steps = actions.shape
+    log_probs = _masked_log_softmax(logits, env.forward_mask(flat)).reshape(b, steps + 1, -1)
+    valid = torch.arange(steps, device=actions.device)[None, :] < lengths[:, None]
+    return _pick(log_probs[:, :-1], actions, valid), valid
+
+
 def _mlp(inputs: int, hidden: int, layers: int, outputs: int) -> nn.Sequential:
     parts: list[nn.Module] = []
     width = inputs
@@ -114,15 +130,11 @@ class GridPolicy(nn.Module):
     def forward(self, states: Tensor, actions: Tensor, lengths: Tensor,
                 condition: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Trajectories ([B, T+1, D], [B, T], [B]) → log P_F [B, T], log P_B [B, T], log F [B, T+1]."""
-        b, t1, d = states.shape
-        flat = states.reshape(b * t1, d)
-        cond = None if condition is None else condition.repeat_interleave(t1, dim=0)
+        flat, cond = _every_state(states, condition)
         forward_logits, backward_logits, log_flow = self._heads(flat, cond)
-        forward_lp = _masked_log_softmax(forward_logits, self.env.forward_mask(flat)).reshape(b, t1, -1)
+        log_pf, valid = _taken_log_probs(self.env, forward_logits, flat, actions, lengths)
+        b, t1 = states.shape[:2]
         backward_lp = _masked_log_softmax(backward_logits, self.env.backward_mask(flat)).reshape(b, t1, -1)
-        steps = torch.arange(t1 - 1, device=states.device)[None, :]
-        valid = steps < lengths[:, None]
-        log_pf = _pick(forward_lp[:, :-1], actions, valid)
         undo = valid & ~self.env.is_stop(actions)
         log_pb = _pick(backward_lp[:, 1:], self.env.backward_action(actions.clamp_min(0)), undo)
         return log_pf, log_pb, log_flow.reshape(b, t1)
@@ -299,14 +311,10 @@ class MutationPolicy(nn.Module):
     def forward(self, states: Tensor, actions: Tensor, lengths: Tensor,
                 condition: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Trajectories ([B, T+1, L+1], [B, T], [B]) → log P_F [B, T], log P_B = 0 [B, T], log F [B, T+1]."""
-        b, t1, d = states.shape
-        flat = states.reshape(b * t1, d)
-        cond = None if condition is None else condition.repeat_interleave(t1, dim=0)
+        flat, cond = _every_state(states, condition)
         logits, log_flow = self._heads(flat, cond)
-        log_probs = _masked_log_softmax(logits, self.env.forward_mask(flat)).reshape(b, t1, -1)
-        valid = torch.arange(t1 - 1, device=states.device)[None, :] < lengths[:, None]
-        log_pf = _pick(log_probs[:, :-1], actions, valid)
-        return log_pf, torch.zeros_like(log_pf), log_flow.reshape(b, t1)
+        log_pf, _ = _taken_log_probs(self.env, logits, flat, actions, lengths)
+        return log_pf, torch.zeros_like(log_pf), log_flow.reshape(states.shape[:2])
 
 
 class LogPartition(nn.Module):
