@@ -41,6 +41,8 @@ ASIDE_PREFIX = ".old_"
 RESUME_IRRELEVANT_KEYS = (
     "trainer.resume", "trainer.allow_config_change", "trainer.progress", "trainer.log_with",
     "trainer.checkpoint_every", "trainer.keep_checkpoints",
+    # Kernel choices: the same computation up to float round-off.
+    "trainer.attention", "trainer.compile", "trainer.compile_mode", "trainer.channels_last",
 )
 
 
@@ -83,6 +85,21 @@ class TrainerConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # fp16's GradScaler starts at this loss scale and halves it on every overflowing update.
     fp16_initial_loss_scale: Annotated[float, AtLeast(0, strict=True)] = 65536.0
+    # How the same computation runs (docs/engine.md § Speed). `attention`: the attention kernels of every model
+    # the run builds or wraps (generator, reward and judge models, GFlowNet policies): "sdpa" lets torch pick
+    # among its fused kernels, "sdpa_flash" / "sdpa_efficient" / "sdpa_math" / "sdpa_cudnn" pin one, "xformers"
+    # needs CUDA and the `gpu` extra, "naive" is the reference softmax(QKᵀ/√d)·V.
+    attention: Literal["sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_math", "sdpa_cudnn", "xformers", "naive"] = "sdpa"
+    # torch.compile the trainable modules (the denoiser, the ControlNet, a policy) after wrapping them.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    # Convolutional modules (UNets, VAEs, ControlNets) in channels-last memory format: faster convolutions with
+    # tensor cores; no effect on what is computed.
+    channels_last: bool = False
+    # TF32 matrix products and convolutions on CUDA (Ampere and newer): ~10-bit mantissas inside float32 matmuls.
+    tf32: bool = False
+    # "adamw_8bit": bitsandbytes' 8-bit AdamW (pip install bitsandbytes), a quarter of AdamW's state memory.
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     gradient_checkpointing: bool = False
     checkpoint_every: NonNegativeInt = 10
     keep_checkpoints: NonNegativeInt = 2
