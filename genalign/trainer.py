@@ -124,18 +124,19 @@ class ParameterGroup:
 
 
 class EMA:
-    """Exponential moving average of the trained parameters (kept in float32), keyed by parameter name so
-    that a checkpoint's EMA loads into a freshly built model as well as into the training one."""
+    """Exponential moving average of the trained parameters (in at least float32: float64 models keep float64),
+    keyed by parameter name so that a checkpoint's EMA loads into a freshly built model as well as into the
+    training one."""
 
     def __init__(self, parameters: dict[str, torch.nn.Parameter], decay: float) -> None:
         self.parameters = parameters
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in parameters.items()}
+        self.shadow = {name: p.detach().to(master_dtype(p.dtype), copy=True) for name, p in parameters.items()}
 
     @torch.no_grad()
     def update(self) -> None:
         for name, param in self.parameters.items():
-            self.shadow[name].lerp_(param.detach().float(), 1 - self.decay)
+            self.shadow[name].lerp_(param.detach().to(self.shadow[name].dtype), 1 - self.decay)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -519,7 +520,8 @@ class Trainer:
         return {**self.named_parameters, **self.extra_parameters}
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().float().cpu().contiguous() for name, p in self._all_trained_parameters().items()}
+        return {name: p.detach().to(master_dtype(p.dtype)).cpu().contiguous()
+                for name, p in self._all_trained_parameters().items()}
 
     def save_checkpoint(self, epoch: int, pipeline_state: dict[str, Any]) -> Path:
         """Write step_{epoch} so that a complete checkpoint exists at every instant.
@@ -641,12 +643,19 @@ class Trainer:
         if self.ema is not None:
             ema_file = path / "ema.safetensors"
             if ema_file.exists():
-                self.ema.load_state_dict(load_file(str(ema_file), device=str(self.device)))
+                self.ema.load_state_dict(load_file(str(ema_file)))
             else:
                 self._missing_state(path, "EMA state (it was trained with trainer.ema=false)",
                                     "an EMA started from the checkpoint's weights")
                 self.ema = EMA(self._all_trained_parameters(), self.config.ema_decay)
+        saved_processes = int(meta.get("num_processes", 1))
+        if saved_processes != self.num_processes:
+            logger.info("resuming a checkpoint of %d process(es) on %d", saved_processes, self.num_processes)
+        # Every process is seeded alike and runs the same program, so a process the checkpoint did not have
+        # continues from process 0's random state (samples draw from their own seeds, not from these).
         rng_file = path / f"rng_state_{self.process_index}.pt"
+        if not rng_file.exists():
+            rng_file = path / "rng_state_0.pt"
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=True))
         random.setstate(_python_rng_from_json(meta["python_random"]))
@@ -657,7 +666,9 @@ class Trainer:
             _truncate_metrics(self.run_dir / "metrics.jsonl", after_step=int(meta["epoch"]))
         logger.info("resumed from %s (epoch %d)", path, meta["epoch"])
         tensor_file = path / "pipeline_state.safetensors"
-        tensors = load_file(str(tensor_file), device=str(self.device)) if tensor_file.exists() else {}
+        # Loaded to the CPU first: safetensors refuses accelerate's "cpu:0", the device of a multi-process CPU run.
+        tensors = ({name: t.to(self.device) for name, t in load_file(str(tensor_file)).items()}
+                   if tensor_file.exists() else {})
         return int(meta["epoch"]) + 1, _join_tensors(meta["pipeline_state"], tensors)
 
     def _missing_state(self, path: Path, what: str, fallback: str) -> None:
@@ -676,6 +687,12 @@ class Trainer:
         else:
             with self.ema.swapped_in():
                 yield
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision trained weights are kept and checkpointed in: float32 for half-precision models, else their
+    own (a float64 model saved in float32 would resume 1e-8 away from where it stopped)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def launched_processes() -> int:

@@ -270,7 +270,7 @@ class SequenceOracle(nn.Module):
         if config.pop("format", None) != _ORACLE_FORMAT or config.pop("version", None) != 1:
             raise RewardError(f"{config_file} is not a version-1 SequenceOracle config")
         oracle = cls(config.pop("alphabet_size"), **config)
-        oracle.load_state_dict(load_file(str(weights_file), device=str(map_location)))
+        oracle.load_state_dict(load_file(str(weights_file)))
         return oracle.to(map_location).eval()
 
 

@@ -1,0 +1,173 @@
+"""Scaling out: every pipeline on 2 gloo processes ends like 1 process on the same global batch (the pipelines
+without such a test in their own file are here), and a checkpoint written with N processes resumes with M.
+
+Runs go through `tests/helpers/config_worker.py` (plain for 1 process, torchrun for 2), from a YAML config
+the test writes; float64 models, so that Adam cannot amplify float32 reduction-order noise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genalign.config import save_yaml
+from genalign.generators.masked import MaskedDiffusionConfig, MaskedDiffusionGenerator
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "helpers" / "config_worker.py"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def masked_model_dir(tmp_path_factory) -> Path:
+    """A small masked CNN over ACGT whose output layer is random (not zero), so predictions depend on x_t."""
+    torch.manual_seed(0)
+    generator = MaskedDiffusionGenerator.from_config(
+        MaskedDiffusionConfig(length=10, hidden_size=16, num_layers=2, kernel_size=3))
+    torch.nn.init.normal_(generator.backbone.to_logits.weight, std=1.0)
+    return generator.save_pretrained(tmp_path_factory.mktemp("models") / "masked")
+
+
+def launch(config: Path, out: Path, processes: int, torchrun, *overrides: str, stop_after: int | None = None) -> None:
+    args = [config, *(["--stop-after", str(stop_after)] if stop_after is not None else []),
+            f"trainer.output_dir={out}", *overrides]
+    if processes == 1:
+        result = subprocess.run([sys.executable, str(WORKER), *map(str, args)], env=ENV, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-6000:]
+    else:
+        torchrun([WORKER, *args], env=ENV)
+
+
+def weights(run: Path, epoch: int, name: str = "trainable.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{epoch:06d}" / name))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys() and a
+    gap = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert gap < atol, gap
+
+
+# ------------------------------------------------------------------------------- 2 processes = 1 process
+
+
+def drakes_config(path: Path, model: Path) -> Path:
+    save_yaml({
+        "pipeline": "drakes",
+        "model": {"pretrained": str(model), "dtype": "float64"},
+        "prompts": {"unconditional": True},
+        "reward": {"name": "motif_count", "kwargs": {"motif": "AC"}},
+        "sampling": {"num_inference_steps": 7, "temperature": 1.0},
+        "trainer": {"learning_rate": 0.05, "progress": False, "checkpoint_every": 0, "lr_schedule": "cosine",
+                    "lora": {"rank": 2, "alpha": 2, "target_modules": ["dilated_conv", "pointwise_conv", "to_logits"]}},
+        "eval": {"every": 1, "samples_per_prompt": 3},
+        "epochs": 3, "batch_size": 4, "train_batch_size": 2, "grad_steps": 2, "tau": 0.7, "alpha": 0.3,
+        "kl_chunk_steps": 2,
+    }, path)
+    return path
+
+
+def test_drakes_on_two_processes_ends_like_one(masked_model_dir, tmp_path, torchrun):
+    """Each process samples its share of the relaxed batch with its samples' own seeds; the hard-step KL chunks and
+    the reward's backward are accumulated, and DDP averages. Fails if a sample's Gumbel noise depends on the
+    process, if the loss is scaled by the local instead of the global micro-batch count, or if the held-out
+    evaluation (3 samples: 2 + 1 over the processes) or the reward log is not gathered."""
+    config = drakes_config(tmp_path / "drakes.yaml", masked_model_dir)
+    launch(config, tmp_path / "one", 1, torchrun, "train_batch_size=4")
+    launch(config, tmp_path / "two", 2, torchrun)
+    assert_same_weights(weights(tmp_path / "one", 2), weights(tmp_path / "two", 2), atol=1e-9)
+    logs = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("one", "two")]
+    import json
+
+    for a, b in zip(*[[json.loads(line) for line in log] for log in logs]):
+        for key in ("reward_mean", "reward_std", "kl", "eval_reward_mean", "lr"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+
+
+def test_rtb_on_two_processes_ends_like_one(masked_model_dir, tmp_path, torchrun):
+    """RTB with prior rows (drawn under reference()), log Z started at the first global batch's minimiser and
+    learned in its own parameter group. Fails if log Z's start or gradient is a per-process mean, if prior rows
+    are chosen per process, or if the chunked backward scales by the local batch."""
+    config = tmp_path / "rtb.yaml"
+    save_yaml({
+        "pipeline": "rtb",
+        "model": {"pretrained": str(masked_model_dir), "dtype": "float64"},
+        "prompts": {"unconditional": True},
+        "reward": {"name": "gc_content"},
+        "sampling": {"num_inference_steps": 10, "final_step": "sample"},
+        "trainer": {"learning_rate": 0.05, "progress": False, "checkpoint_every": 0, "weight_decay": 0.0,
+                    "lora": {"enabled": False}},
+        "eval": {"every": 1000, "samples_per_prompt": 2},
+        "epochs": 3, "batch_size": 8, "train_batch_size": 2, "beta": 3.0, "prior_fraction": 0.25,
+        "log_z_learning_rate": 0.1, "chunk_steps": 4,
+    }, config)
+    launch(config, tmp_path / "one", 1, torchrun, "train_batch_size=4")
+    launch(config, tmp_path / "two", 2, torchrun)
+    one, two = weights(tmp_path / "one", 2), weights(tmp_path / "two", 2)
+    assert any(k.startswith("extra.log_z") for k in one)
+    assert_same_weights(one, two, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------- N processes → M processes
+
+
+def ddpo_config(path: Path, model: Path) -> Path:
+    save_yaml({
+        "pipeline": "ddpo",
+        "model": {"pretrained": str(model), "dtype": "float64"},
+        "prompts": {"prompts": ["a red circle", "a blue square", "two green stars", "a yellow sun"]},
+        "sampling": {"num_inference_steps": 3, "guidance_scale": 2.0, "batch_size": 8, "log_prob_reduction": "mean"},
+        "trainer": {"learning_rate": 1e-3, "progress": False, "checkpoint_every": 1, "keep_checkpoints": 0,
+                    "ema": True, "ema_decay": 0.5, "lr_schedule": "cosine", "lr_warmup_steps": 1},
+        "eval": {"every": 100, "samples_per_prompt": 1},
+        "epochs": 4, "prompts_per_epoch": 4, "samples_per_prompt": 2, "updates_per_epoch": 2, "inner_epochs": 2,
+        "timestep_fraction": 0.67, "stat_min_count": 2, "train_batch_size": 1,
+    }, path)
+    return path
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_process_count(tiny_sd_dir, tmp_path, torchrun, first, then):
+    """DDPO (per-prompt reward statistics in the pipeline state, EMA, a warm-up + cosine schedule, inner epochs that
+    gather trajectories) stopped after 2 of 4 epochs on `first` processes and resumed on `then` ends with the
+    weights and EMA of an uninterrupted 1-process run. Fails if resuming reads per-process state that the new
+    process count lacks (a missing rank's RNG file, a per-process optimiser shard), or if the schedule, EMA or
+    statistics restart."""
+    config = ddpo_config(tmp_path / "ddpo.yaml", tiny_sd_dir)
+    launch(config, tmp_path / "straight", 1, torchrun)
+    launch(config, tmp_path / "moved", first, torchrun, stop_after=1)
+    assert not (tmp_path / "moved" / "checkpoints" / "step_000002").exists()
+    launch(config, tmp_path / "moved", then, torchrun, "trainer.resume=latest")
+    for name in ("trainable.safetensors", "ema.safetensors"):
+        assert_same_weights(weights(tmp_path / "straight", 3, name), weights(tmp_path / "moved", 3, name), atol=1e-9)
+
+
+def test_a_gflownet_checkpoint_with_replay_resumes_on_one_process(tmp_path, torchrun):
+    """MOGFN-PC with a replay buffer (tensors in pipeline_state.safetensors) and log Z (an extra parameter group):
+    2 processes stopped after 2 of 4 updates, resumed on 1, end like an uninterrupted 1-process run. Fails if the
+    buffer or log Z is per process, or if the pipeline's tensors cannot be loaded on the new process count."""
+    from tests.test_gflownets import grid_config
+
+    config = tmp_path / "gflownet.yaml"
+    save_yaml(grid_config(tmp_path, **{"objective": "tb", "epochs": 4, "trainer.checkpoint_every": 1,
+                                       "trainer.keep_checkpoints": 0, "replay_capacity": 32, "replay_batch": 8,
+                                       "task.kwargs.reward": "branin_currin", "batch_size": 8,
+                                       "eval.samples_per_preference": 4}), config)
+    launch(config, tmp_path / "straight", 1, torchrun)
+    launch(config, tmp_path / "moved", 2, torchrun, stop_after=1)
+    launch(config, tmp_path / "moved", 1, torchrun, "trainer.resume=latest")
+    straight, moved = weights(tmp_path / "straight", 3), weights(tmp_path / "moved", 3)
+    assert any(k.startswith("extra.") for k in straight)
+    assert_same_weights(straight, moved, atol=1e-5)  # float32 policy: reduction order differs between counts
+    buffers = [load_file(str(tmp_path / run / "checkpoints" / "step_000003" / "pipeline_state.safetensors"))
+               for run in ("straight", "moved")]
+    assert buffers[0].keys() == buffers[1].keys() and buffers[0]
+    for key in buffers[0]:
+        assert torch.equal(buffers[0][key], buffers[1][key]), key
