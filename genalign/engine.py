@@ -394,7 +394,8 @@ def evaluate(
     if trainer is None:
         values, verdicts = score_shard()
     else:
-        values, verdicts = on_every_process(trainer, score_shard, what="held-out evaluation")
+        with trainer.gathered_weights():  # under FSDP: shards may be uneven or empty
+            values, verdicts = on_every_process(trainer, score_shard, what="held-out evaluation")
         values = gather_rows(trainer, values.to(trainer.device), mine, len(all_prompts))
         if gold is not None:
             from accelerate.utils import gather_object
@@ -524,7 +525,7 @@ class Pipeline:
         local sample) what the generator is conditioned on (e.g. prompt expansions). The reward always scores
         against the plan's own prompts, the ones the user asked for."""
         prompts = self.conditions(plan, plan.local)
-        with trainer.autocast():
+        with trainer.gathered_weights(), trainer.autocast():
             rollout = self.generator.sample(
                 conditions or prompts, options or self.options, seeds=plan.seeds[plan.local].tolist(),
                 batch_size=self.config.sampling.batch_size,

@@ -26,15 +26,20 @@ from typing import Annotated, Any, Iterator, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradScalerKwargs, set_seed
+from accelerate.utils import DistributedType, GradScalerKwargs, set_seed
 from diffusers.optimization import get_scheduler
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from genalign.config import AtLeast, ConfigError, NonNegativeInt, PositiveInt, load_yaml, save_yaml
+from genalign.sharding import (Sharding, check_shardable, enable_fsdp_on_cpu, full_tensor, gathered_weights,
+    like_parameter, load_sharded, requested_sharding, save_sharded)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+# A sharded run's parameters, optimiser state and EMA, as a torch.distributed.checkpoint folder (genalign.sharding).
+SHARDED_STATE = "sharded"
 # A checkpoint being replaced by a new save of the same step waits under this prefix until the new one is in place.
 ASIDE_PREFIX = ".old_"
 # Config keys that may change between a run and its resumption without changing what it computes.
@@ -153,7 +158,8 @@ class EMA:
                     param.copy_(backup[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: t.cpu().contiguous() for name, t in self.shadow.items()}
+        """The whole averages on the CPU (under FSDP gathered from the shards: every process must call)."""
+        return {name: full_tensor(t).cpu().contiguous() for name, t in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state.keys() != self.shadow.keys():
@@ -163,7 +169,7 @@ class EMA:
                 "resume with the model and LoRA settings it was trained with"
             )
         for name, shadow in self.shadow.items():
-            shadow.copy_(state[name])
+            shadow.copy_(like_parameter(state[name], shadow))
 
 
 class Trainer:
@@ -226,19 +232,22 @@ class Trainer:
             )
         if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             _enable_cpu_fp16(self.accelerator, scaler_kwargs)
+        if requested_sharding() == "fsdp" and self.accelerator.distributed_type == DistributedType.MULTI_CPU:
+            enable_fsdp_on_cpu(config.mixed_precision)
+        # None: every process holds whole weights (one process, or DDP); a single-process launch of a sharded
+        # config runs unsharded too, as accelerate does.
+        self.sharding: Sharding | None = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(
+            self.accelerator.distributed_type)
         self._resume_path = self._check_run_folder(run_config)
         set_seed(config.seed)
         self.generator = generator
         generator.to(self.accelerator.device)
         modules = prepare_trainable_modules(generator, config)
+        if self.sharding is not None:
+            check_shardable(self.sharding, self.accelerator, modules, extra_parameters or {})
         if keep_reference:
             generator.keep_reference_copy()
-        self.named_parameters = {
-            f"{module_name}.{name}": p
-            for module_name, module in modules.items()
-            for name, p in module.named_parameters()
-            if p.requires_grad
-        }
+        self.named_parameters = _trained_parameters(modules)
         self.parameters = list(self.named_parameters.values())
         if not self.parameters:
             setting = (f"trainer.lora.target_modules={list(config.lora.target_modules)}" if config.lora.enabled
@@ -280,6 +289,9 @@ class Trainer:
         )
         *wrapped, self.optimizer = self.accelerator.prepare(*modules.values(), self.optimizer)
         self._wrapped = wrapped
+        # FSDP replaces each parameter by its sharded version (the optimiser was switched over by prepare).
+        self.named_parameters = _trained_parameters(modules)
+        self.parameters = list(self.named_parameters.values())
         generator.set_training_modules(dict(zip(modules, wrapped)))
         # The extra groups (e.g. Parrot's prompt-expansion network) are averaged too: an EMA evaluation must not
         # pair averaged generator weights with raw weights of the modules that condition it.
@@ -377,6 +389,14 @@ class Trainer:
     def autocast(self):
         return self.accelerator.autocast()
 
+    def gathered_weights(self) -> contextlib.AbstractContextManager:
+        """Inference on whole weights: under FSDP every process all-gathers the trained module once for the
+        context, so that sampling makes no collective call (processes may draw different numbers of samples);
+        without sharding a no-op. A collective: every process must enter it together (see genalign.sharding)."""
+        if self.sharding != "fsdp":
+            return contextlib.nullcontext()
+        return gathered_weights(self._wrapped, self.accelerator.state.fsdp_plugin.reshard_after_forward)
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward pass; the loss is divided by the accumulation steps so an update averages its parts.
 
@@ -400,8 +420,8 @@ class Trainer:
         if not self.accelerator.sync_gradients:
             return False
         self._average_extra_gradients()
-        norm = float(self.accelerator.clip_grad_norm_([*self.parameters, *self.extra_parameters.values()],
-                                                      self.config.max_grad_norm))
+        norm = float(full_tensor(self.accelerator.clip_grad_norm_(
+            [*self.parameters, *self.extra_parameters.values()], self.config.max_grad_norm)))
         self._last_grad_norm = norm
         if not math.isfinite(norm):
             scaler = self.accelerator.scaler
@@ -520,7 +540,7 @@ class Trainer:
         return {**self.named_parameters, **self.extra_parameters}
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().to(master_dtype(p.dtype)).cpu().contiguous()
+        return {name: full_tensor(p.detach()).to(master_dtype(p.dtype)).cpu().contiguous()
                 for name, p in self._all_trained_parameters().items()}
 
     def save_checkpoint(self, epoch: int, pipeline_state: dict[str, Any]) -> Path:
@@ -545,19 +565,28 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_state_{self.process_index}.pt")
+        # The whole weights, for the exports; under FSDP gathering them is a collective, so every process calls.
+        trainable = self._trainable_state()
+        ema = self.ema.state_dict() if self.ema is not None else None
+        if self.sharding is not None:
+            save_sharded(tmp / SHARDED_STATE, self._wrapped[0], self.optimizer.optimizer, self.named_parameters,
+                         None if self.ema is None else self.ema.shadow)
         if self.is_main:
-            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
-            if self.config.lora.enabled:
+            # A sharded module's state_dict holds shards (FSDP2 supports no whole copy of it): `genalign export`
+            # writes a sharded run's adapter from trainable.safetensors instead.
+            if self.config.lora.enabled and self.sharding is None:
                 with self.ema_weights():
                     self.generator.save_adapter(tmp / "lora")
                 if self.ema is not None:
                     self.generator.save_adapter(tmp / "lora_raw")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            if self.sharding is None:
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if acc.scaler is not None:
                 torch.save(acc.scaler.state_dict(), tmp / "grad_scaler.pt")
-            if self.ema is not None:
-                save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
+            if ema is not None:
+                save_file(ema, str(tmp / "ema.safetensors"))
             json_state, tensors = _split_tensors(pipeline_state)
             if tensors:
                 save_file(tensors, str(tmp / "pipeline_state.safetensors"))
@@ -618,20 +647,30 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint '{path}' was trained with lora.enabled={meta['lora']}; resume with the same setting"
             )
-        state = load_file(str(path / "trainable.safetensors"))
         params = self._all_trained_parameters()
-        missing = sorted(set(params) - set(state))
-        unexpected = sorted(set(state) - set(params))
+        with safe_open(str(path / "trainable.safetensors"), framework="pt") as stored:
+            names = set(stored.keys())
+        missing, unexpected = sorted(set(params) - names), sorted(names - set(params))
         if missing or unexpected:
             raise CheckpointError(
                 f"checkpoint '{path}' does not match the model: {len(missing)} missing tensors "
                 f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
                 "resume with the same model and LoRA settings it was trained with"
             )
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(state[name].to(param.dtype))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        ema_file = path / "ema.safetensors"
+        with_ema = self.ema is not None and ema_file.exists()
+        if (path / SHARDED_STATE).exists():
+            # A sharded run's checkpoint: DCP re-shards it for this run's processes (or reads whole tensors).
+            load_sharded(path / SHARDED_STATE, self._wrapped[0], self.optimizer.optimizer, self.named_parameters,
+                         self.ema.shadow if with_ema else None)
+        else:
+            state = load_file(str(path / "trainable.safetensors"))
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(like_parameter(state[name], param))
+            self._load_whole_optimizer_state(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+            if with_ema:
+                self.ema.load_state_dict(load_file(str(ema_file)))
         self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
         scaler = self.accelerator.scaler
         if scaler is not None:
@@ -640,14 +679,10 @@ class Trainer:
                 scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
             else:
                 self._missing_state(path, "fp16 GradScaler state (it was trained without fp16)", "a fresh loss scale")
-        if self.ema is not None:
-            ema_file = path / "ema.safetensors"
-            if ema_file.exists():
-                self.ema.load_state_dict(load_file(str(ema_file)))
-            else:
-                self._missing_state(path, "EMA state (it was trained with trainer.ema=false)",
-                                    "an EMA started from the checkpoint's weights")
-                self.ema = EMA(self._all_trained_parameters(), self.config.ema_decay)
+        if self.ema is not None and not with_ema:
+            self._missing_state(path, "EMA state (it was trained with trainer.ema=false)",
+                                "an EMA started from the checkpoint's weights")
+            self.ema = EMA(self._all_trained_parameters(), self.config.ema_decay)
         saved_processes = int(meta.get("num_processes", 1))
         if saved_processes != self.num_processes:
             logger.info("resuming a checkpoint of %d process(es) on %d", saved_processes, self.num_processes)
@@ -671,6 +706,20 @@ class Trainer:
                    if tensor_file.exists() else {})
         return int(meta["epoch"]) + 1, _join_tensors(meta["pipeline_state"], tensors)
 
+    def _load_whole_optimizer_state(self, state: dict[str, Any]) -> None:
+        """A checkpoint's whole optimiser state; under FSDP each per-parameter tensor is cut to this process's
+        shard of its parameter (a DDP checkpoint continued with FSDP)."""
+        self.optimizer.load_state_dict(state)
+        if self.sharding is None:
+            return
+        optimizer = self.optimizer.optimizer
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                per_parameter = optimizer.state.get(param, {})
+                for key, value in per_parameter.items():
+                    if torch.is_tensor(value) and value.shape == param.shape and value.ndim > 0:
+                        per_parameter[key] = like_parameter(value, param)
+
     def _missing_state(self, path: Path, what: str, fallback: str) -> None:
         if not self.config.allow_config_change:
             raise CheckpointError(
@@ -687,6 +736,12 @@ class Trainer:
         else:
             with self.ema.swapped_in():
                 yield
+
+
+def _trained_parameters(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """The parameters that train, named '<module name>.<parameter name>' (the checkpoint's keys)."""
+    return {f"{module_name}.{name}": p for module_name, module in modules.items()
+            for name, p in module.named_parameters() if p.requires_grad}
 
 
 def master_dtype(dtype: torch.dtype) -> torch.dtype:
