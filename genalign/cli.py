@@ -1,8 +1,9 @@
-"""The `genalign` command: finetune, sample, gallery.
+"""The `genalign` command: finetune, sample, gallery, export.
 
     genalign finetune --config configs/ddpo_tiny.yaml trainer.learning_rate=1e-3
     genalign sample --run runs/ddpo_tiny --prompts prompts.txt --n 4 --out samples/
     genalign gallery --run runs/ddpo_tiny
+    genalign export --run runs/ddpo_tiny --out lora/
 """
 
 from __future__ import annotations
@@ -203,6 +204,17 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run's trained model in its family's native form: the LoRA adapter (diffusers' format for image
+    and audio models, the merged model for masked ones) or, when fully fine-tuned, the whole model. Checkpoints of
+    unsharded runs carry the adapter already (lora/); for an FSDP run this is how to get it."""
+    generator, config = load_run_generator(args.run, args.checkpoint, use_ema=not args.raw_weights)
+    save = generator.save_adapter if config.trainer.lora.enabled else generator.save_pretrained
+    folder = save(Path(args.out))
+    print(f"exported the {'adapter' if config.trainer.lora.enabled else 'model'} of {args.run} to {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genalign", description="Reward fine-tuning of generative models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--raw-weights", action="store_true",
                          help="with a run trained with EMA: the raw trained weights instead of the EMA ones")
     gallery.set_defaults(func=cmd_gallery)
+
+    export = sub.add_parser("export", help="write a run's trained adapter (or fully fine-tuned model) in its "
+                                           "family's native format")
+    export.add_argument("--run", required=True)
+    export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--checkpoint", default="latest")
+    export.add_argument("--raw-weights", action="store_true",
+                        help="with a run trained with EMA: the raw trained weights instead of the EMA ones")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -21,7 +21,8 @@ import torch
 from genalign.config import ConfigError, PositiveInt, to_dict
 from genalign.generators import detect_family, generator_class
 from genalign.generators.base import Conditions, Generator, Rollout, Trajectory
-from genalign.trainer import ParameterGroup, Trainer, TrainerConfig
+from genalign.sharding import requested_sharding
+from genalign.trainer import ParameterGroup, Trainer, TrainerConfig, launched_processes
 
 T = TypeVar("T")
 
@@ -448,6 +449,9 @@ class Pipeline:
     """
 
     takes_prompts = True  # False: the method's data brings its own captions (prompts.* must stay empty)
+    # True once the method is tested under FSDP (2 sharded processes equal to 1): every process then makes the
+    # same collective calls, which a sharded module's training forwards and backwards need.
+    supports_sharding = False
 
     def __init__(self, config: PipelineConfig, generator: Generator | None = None, reward=None):
         self.config = config
@@ -487,6 +491,9 @@ class Pipeline:
             (trainer, first epoch to run, the pipeline state saved with the restored checkpoint or {}).
         """
         c = self.config
+        if requested_sharding() is not None and launched_processes() > 1 and not self.supports_sharding:
+            raise ConfigError(f"the {c.pipeline} pipeline is not tested under sharded training ({requested_sharding()}); "
+                              "launch it with data parallelism (configs/accelerate/ddp.yaml, or no --config_file)")
         trainer = Trainer(
             self.generator,
             c.trainer,

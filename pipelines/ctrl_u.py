@@ -106,6 +106,7 @@ class CtrlUPipeline(Pipeline):
     """Ctrl-U (and, with `uncertainty: false`, the ControlNet++-style baseline) on a generator with a ControlNet."""
 
     config_class = CtrlUConfig
+    supports_sharding = True
     takes_prompts = False  # the captions come with the data
 
     def __init__(self, config: CtrlUConfig, generator: Generator | None = None, reward=None,
@@ -221,7 +222,7 @@ class CtrlUPipeline(Pipeline):
                 judged.append(torch.full_like(judged[0], float("nan")))
             return torch.stack(judged, dim=1)
 
-        with trainer.ema_weights():
+        with trainer.ema_weights(), trainer.gathered_weights():  # gathered: shards may be uneven or empty
             scores = on_every_process(trainer, score_shard, what="held-out evaluation")
         scores = gather_rows(trainer, scores.to(trainer.device), mine, total)
         metrics = {"eval_reward_mean": float(scores[:, 0].mean()), "eval_reward_std": float(scores[:, 0].std())}

@@ -221,6 +221,7 @@ class DRAGONPipeline(Pipeline):
     instance-to-distribution or distribution-to-distribution."""
 
     config_class = DRAGONConfig
+    supports_sharding = True
 
     def __init__(self, config: DRAGONConfig, generator: Generator | None = None, reward=None) -> None:
         super().__init__(config, generator, reward)

@@ -146,6 +146,7 @@ class PRDPPipeline(Pipeline):
     are summed)."""
 
     config_class = PRDPConfig
+    supports_sharding = True
 
     def __init__(self, config: PRDPConfig, generator: Generator | None = None, reward=None) -> None:
         super().__init__(config, generator, reward)
@@ -271,8 +272,9 @@ class PRDPPipeline(Pipeline):
         """Implied-reward diagnostics of the updated model on the epoch's first `probe_prompts` groups."""
         mine = torch.as_tensor(np.flatnonzero(plan.local < probe_total))
         ratios = torch.zeros_like(reference)
-        if len(mine):
-            ratios[mine] = self._step_log_probs(trainer, trajectory[mine], steps) - reference[mine]
+        with trainer.gathered_weights():  # processes probe different numbers of samples
+            if len(mine):
+                ratios[mine] = self._step_log_probs(trainer, trajectory[mine], steps) - reference[mine]
         # Each process probes however many of its samples fall in those groups: gather all rows and a mask.
         selected = torch.zeros(len(reference), dtype=torch.bool, device=reference.device)
         selected[mine] = True

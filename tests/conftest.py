@@ -78,3 +78,24 @@ def torchrun():
         return result
 
     return run
+
+
+@pytest.fixture
+def fsdp_launch():
+    """Run a script on CPU processes under the shipped FSDP config (`accelerate launch --config_file
+    configs/accelerate/fsdp.yaml`: torch's FSDP2 on gloo), on a free port; raises with the workers' stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+
+    def run(args, *, env, processes=2, timeout=600):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                   "--num_processes", str(processes), "--main_process_port", str(_free_port()), *map(str, args)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise AssertionError(f"FSDP run failed (exit {result.returncode}):\n{result.stderr[-6000:]}")
+        return result
+
+    return run

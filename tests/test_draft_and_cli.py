@@ -165,7 +165,10 @@ def test_draft_variants_raise_the_reward(tiny_sd_dir, tmp_path, variant):
         assert set(ks) == {variant.get("grad_steps", 1)}
 
 
-def test_draft_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun):
+def test_draft_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun, fsdp_launch):
+    """1 process, 2 DDP processes and 2 FSDP processes (the shipped config) of the same global batch end alike.
+    Fails if a sample's noise or truncation K depends on the process, if the reward gradient is averaged per
+    process, or, under FSDP, if the differentiable sampler's sharded forwards do not match across processes."""
     import os
     import subprocess
     import sys
@@ -180,15 +183,18 @@ def test_draft_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_p
     subprocess.run([sys.executable, str(worker), "draft", str(tiny_sd_dir), str(tmp_path / "one"), "train_batch_size=2",
                     *overrides], check=True, env=env, capture_output=True, timeout=600)
     torchrun([worker, "draft", tiny_sd_dir, tmp_path / "two", "train_batch_size=1", *overrides], env=env)
+    fsdp_launch([worker, "draft", tiny_sd_dir, tmp_path / "sharded", "train_batch_size=1", *overrides], env=env)
     weights = [load_file(str(tmp_path / run / "checkpoints" / "step_000002" / "trainable.safetensors"))
-               for run in ("one", "two")]
+               for run in ("one", "two", "sharded")]
     assert max(float(v.abs().max()) for k, v in weights[0].items() if "lora_B" in k) > 0  # training moved B
-    for key in weights[0]:
-        assert torch.allclose(weights[0][key], weights[1][key], atol=1e-6), key
-    for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two")):
-        for key in ("reward_mean", "grad_steps", "lr", "eval_reward_mean"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    for other in weights[1:]:
+        for key in weights[0]:
+            assert torch.allclose(weights[0][key], other[key], atol=1e-6), key
+    for run in ("two", "sharded"):
+        for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / run)):
+            for key in ("reward_mean", "grad_steps", "lr", "eval_reward_mean"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], abs=1e-6), (run, key)
 
 
 def test_sample_gallery_and_exported_lora_use_the_ema_weights_when_ema_is_on(tiny_sd_dir, tmp_path, prompt_file):

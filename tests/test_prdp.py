@@ -284,8 +284,9 @@ def test_bad_config_is_a_clear_error(tiny_sd_dir, tmp_path):
         PRDPPipeline(tiny_config(tiny_sd_dir, tmp_path, **{"sampling.eta": 0.0}), reward=CountingReward()).train()
 
 
-def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun):
-    """Groups are split across processes; the gathered pairs and the gradient scaling must make that invisible."""
+def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun, fsdp_launch):
+    """Groups are split across processes; the gathered pairs and the gradient scaling must make that invisible,
+    with DDP and under the shipped FSDP config (where the probe, on uneven shares, runs on gathered weights)."""
     worker = ROOT / "tests" / "helpers" / "pipeline_worker.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     common = ["prdp", str(tiny_sd_dir)]
@@ -294,14 +295,17 @@ def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, t
     subprocess.run([sys.executable, str(worker), *common, str(tmp_path / "one"), "train_batch_size=4", *extra],
                    check=True, env=env, capture_output=True)
     torchrun([worker, *common, tmp_path / "two", "train_batch_size=2", *extra], env=env)
-    one, two = _weights(tmp_path / "one", 1), _weights(tmp_path / "two", 1)
+    fsdp_launch([worker, *common, tmp_path / "sharded", "train_batch_size=2", *extra], env=env)
+    one = _weights(tmp_path / "one", 1)
     assert max(float(v.abs().max()) for v in one.values()) > 0
-    for key in one:
-        assert torch.allclose(one[key], two[key], atol=1e-5), key
-    for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two")):
-        for key in ("reward_mean", "rdp_loss", "clipped_step_fraction", "implied_reward_corr", "kl_epoch_start"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-8), key
+    for run in ("two", "sharded"):
+        other = _weights(tmp_path / run, 1)
+        for key in one:
+            assert torch.allclose(one[key], other[key], atol=1e-5), (run, key)
+        for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / run)):
+            for key in ("reward_mean", "rdp_loss", "clipped_step_fraction", "implied_reward_corr", "kl_epoch_start"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-8), (run, key)
 
 
 def test_prdp_raises_jpeg_incompressibility(pretrained_tiny_dir, tmp_path):

@@ -73,22 +73,25 @@ def drakes_config(path: Path, model: Path) -> Path:
     return path
 
 
-def test_drakes_on_two_processes_ends_like_one(masked_model_dir, tmp_path, torchrun):
+def test_drakes_on_two_processes_ends_like_one(masked_model_dir, tmp_path, torchrun, fsdp_launch):
     """Each process samples its share of the relaxed batch with its samples' own seeds; the hard-step KL chunks and
-    the reward's backward are accumulated, and DDP averages. Fails if a sample's Gumbel noise depends on the
-    process, if the loss is scaled by the local instead of the global micro-batch count, or if the held-out
-    evaluation (3 samples: 2 + 1 over the processes) or the reward log is not gathered."""
+    the reward's backward are accumulated, and DDP (or FSDP, with the shipped config) averages. Fails if a sample's
+    Gumbel noise depends on the process, if the loss is scaled by the local instead of the global micro-batch
+    count, if the held-out evaluation (3 samples: 2 + 1 over the processes) or the reward log is not gathered, or
+    if the reference passes (LoRA off on the sharded module) fall out of step between processes."""
+    import json
+
     config = drakes_config(tmp_path / "drakes.yaml", masked_model_dir)
     launch(config, tmp_path / "one", 1, torchrun, "train_batch_size=4")
     launch(config, tmp_path / "two", 2, torchrun)
-    assert_same_weights(weights(tmp_path / "one", 2), weights(tmp_path / "two", 2), atol=1e-9)
-    logs = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("one", "two")]
-    import json
-
-    for a, b in zip(*[[json.loads(line) for line in log] for log in logs]):
-        for key in ("reward_mean", "reward_std", "kl", "eval_reward_mean", "lr"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+    fsdp_launch([WORKER, config, f"trainer.output_dir={tmp_path / 'sharded'}"], env=ENV)
+    for run in ("two", "sharded"):
+        assert_same_weights(weights(tmp_path / "one", 2), weights(tmp_path / run, 2), atol=1e-9)
+        logs = [(tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("one", run)]
+        for a, b in zip(*[[json.loads(line) for line in log] for log in logs]):
+            for key in ("reward_mean", "reward_std", "kl", "eval_reward_mean", "lr"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (run, key)
 
 
 def test_rtb_on_two_processes_ends_like_one(masked_model_dir, tmp_path, torchrun):
@@ -176,21 +179,8 @@ def test_a_gflownet_checkpoint_with_replay_resumes_on_one_process(tmp_path, torc
 # ------------------------------------------------------------------------------- FSDP on CPU processes
 
 
-def launch_fsdp(config: Path, out: Path, processes: int, *overrides: str, stop_after: int | None = None) -> None:
-    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` on `processes` CPU processes (gloo)."""
-    from tests.conftest import _free_port
-
-    args = [config, *(["--stop-after", str(stop_after)] if stop_after is not None else []),
-            f"trainer.output_dir={out}", *overrides]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", str(processes),
-               "--main_process_port", str(_free_port()), str(WORKER), *map(str, args)]
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-6000:]
-
-
 def test_fsdp_trains_like_one_process_and_its_checkpoints_move_between_process_counts(tiny_sd_dir, tmp_path,
-                                                                                       torchrun):
+                                                                                       torchrun, fsdp_launch):
     """DDPO with LoRA, EMA and a warm-up + cosine schedule, under the shipped FSDP config (FSDP2 on gloo CPU
     processes), run in four pieces — FSDP on 2 processes, then 1 process without FSDP, then FSDP on 3, then FSDP on
     2 — ends with the weights and EMA of one uninterrupted 1-process run. Fails if the optimiser, the parameters or
@@ -202,10 +192,19 @@ def test_fsdp_trains_like_one_process_and_its_checkpoints_move_between_process_c
     settings = ["prompts_per_epoch=3", "updates_per_epoch=1", "eval.every=1", "trainer.max_grad_norm=0.05"]
     launch(config, tmp_path / "straight", 1, torchrun, *settings)
     moved = tmp_path / "moved"
-    launch_fsdp(config, moved, 2, *settings, stop_after=0)
+    fsdp_run = lambda processes, *args: fsdp_launch([WORKER, config, *args], env=ENV, processes=processes)  # noqa: E731
+    fsdp_run(2, "--stop-after", 0, f"trainer.output_dir={moved}", *settings)
     assert (moved / "checkpoints" / "step_000000" / "sharded").is_dir()
     launch(config, moved, 1, torchrun, *settings, "trainer.resume=latest", stop_after=1)
-    launch_fsdp(config, moved, 3, *settings, "trainer.resume=latest", stop_after=2)
-    launch_fsdp(config, moved, 2, *settings, "trainer.resume=latest")
+    fsdp_run(3, "--stop-after", 2, f"trainer.output_dir={moved}", *settings, "trainer.resume=latest")
+    fsdp_run(2, f"trainer.output_dir={moved}", *settings, "trainer.resume=latest")
     for name in ("trainable.safetensors", "ema.safetensors"):
         assert_same_weights(weights(tmp_path / "straight", 3, name), weights(moved, 3, name), atol=1e-9)
+    # A sharded checkpoint has no diffusers adapter folder; `genalign export` writes the one an unsharded run has.
+    assert not (moved / "checkpoints" / "step_000003" / "lora").exists()
+    from genalign.cli import main
+
+    assert main(["export", "--run", str(moved), "--out", str(tmp_path / "exported")]) == 0
+    name = "pytorch_lora_weights.safetensors"
+    assert_same_weights(load_file(str(tmp_path / "straight" / "checkpoints" / "step_000003" / "lora" / name)),
+                        load_file(str(tmp_path / "exported" / name)), atol=1e-6)
