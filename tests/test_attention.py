@@ -420,8 +420,30 @@ def test_apply_reaches_generators_modules_and_skips_what_holds_no_model():
     """Bug caught: a generator target treated as a module (diffusers models have a `set_attention_backend` of
     their own with other backend names, so the order of the checks matters), or a plain callable reward
     crashing the switch."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     generator = tiny_masked_transformer()
-    report = apply_attention_backend("sdpa", "cpu", generator=generator, reward=lambda x: x, model=model, gold=None)
+    report = apply_attention_backend("sdpa", "cpu", generator=generator, reward=lambda x: x, vae=vae, model=model,
+                                     gold=None)
     assert report == {"generator.backbone": "sdpa (TransformerBlock) ×2", "reward": "not a module (function), unchanged",
-                      "model": "no attention layers"}
+                      "vae": "diffusers AttnProcessor2_0 ×2", "model": "no attention layers"}
+
+
+def test_pipelines_that_build_more_models_set_them_too(tmp_path):
+    """Parrot's prompt-expansion LM and Ctrl-U's ControlNet and evaluation reward follow trainer.attention too.
+    Bug caught: a model a pipeline builds beside the generator and reward (after `Pipeline.__init__` applied the
+    switch) left on its load-time attention."""
+    from genalign.config import build_config, load_yaml
+    from pipelines.ctrl_u import CtrlUConfig, CtrlUPipeline
+    from pipelines.parrot import ParrotConfig, ParrotPipeline
+
+    overrides = [f"trainer.output_dir={tmp_path / 'run'}", "trainer.attention=naive"]
+    parrot = ParrotPipeline(build_config(ParrotConfig, load_yaml(ROOT / "configs" / "parrot_shapes.yaml"), overrides))
+    assert parrot.attention["pen.model"] == "transformers eager (GPT2LMHeadModel)"
+    assert parrot.pen.model.config._attn_implementation == "eager"
+    ctrl_u = CtrlUPipeline(build_config(CtrlUConfig, load_yaml(ROOT / "configs" / "ctrl_u_shapes_segmentation.yaml"),
+                                        overrides))
+    assert ctrl_u.attention["generator.controlnet"] == "diffusers AttnProcessor ×6"
+    assert ctrl_u.attention["evaluation_reward"] == "no attention layers"  # the shapes world's predictors are CNNs
