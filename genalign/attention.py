@@ -16,11 +16,12 @@ What each model family does with it (`set_attention_backend`):
   adapters on `to_q`/`to_k`/`to_v`/`to_out.0` keep working.
 - transformers models: `set_attn_implementation("sdpa")` for sdpa* and xformers (transformers has no xformers
   path: those models run torch's SDPA with every kernel allowed), "eager" for naive. Models transformers gives
-  no SDPA implementation (ClapModel in transformers 5.24) stay eager, and the report says so.
+  no SDPA implementation (the CLAP models in transformers 5.24) stay eager, and the report says so.
 - our own transformers (`SwitchableAttention` modules: the masked-diffusion transformer, the GFlowNet
   policies): their `attention_backend` attribute, read by `attention(...)` at every forward.
 - torch's `nn.MultiheadAttention` (open_clip models) is left as it is: it runs torch's SDPA, so the pinned
   kernels apply, but it has no naive or xformers path.
+- ProteinMPNN has no softmax attention to switch (its layers sum MLP messages over nearest neighbours).
 
 The `sdpa_*` pins are torch's process-global flags (`torch.backends.cuda.enable_flash_sdp` & co.), which govern
 CPU dispatch as well; "sdpa", "naive" and "xformers" enable every kernel, so that the models left on torch's

@@ -290,6 +290,60 @@ def test_every_cpu_backend_gives_the_same_gflownet_rollouts(sdpa_calls):
             assert (len(sdpa_calls) == 0) == (backend == "naive"), backend
 
 
+def test_the_mutation_policy_computes_the_same_under_every_cpu_backend():
+    """The GFlowNet mutation policy (bidirectional blocks) gives the same logits (1e-4) under every CPU backend.
+    Bug caught: a non-causal block passed is_causal=True on some path, or a block the switch does not reach."""
+    from pipelines.gfn.environments import MutationTask
+    from pipelines.gfn.policies import MutationPolicy
+
+    env = MutationTask(parent="ABCAB", alphabet="ABC", max_edits=2, score=lambda x: torch.ones(len(x)),
+                       objective_names=("one",))
+    torch.manual_seed(0)
+    policy = MutationPolicy(env, hidden=16, layers=2, heads=2)
+    states = env.initial_states(3)
+    reference = policy.step_logits(states, None)
+    for backend in CPU_BACKENDS:
+        with sdpa_kernels(backend):
+            assert set_attention_backend(policy, backend) == {"MutationPolicy": f"{backend} (_CausalBlock) ×2"}
+            assert max_difference(policy.step_logits(states, None), reference) < TOLERANCE, backend
+
+
+def test_every_cpu_backend_samples_the_same_audio(sdpa_calls):
+    """The tones world's text-to-audio model (UNet, VAE, CLAP text tower, Griffin-Lim vocoder) samples the same
+    latents and decodes the same mel spectrograms under every CPU backend, and under naive nothing (sampling to
+    waveforms included) calls SDPA. Bug caught: the audio generator's own module list missing a model (its UNet or
+    VAE left on SDPA), or the CLAP text tower, which transformers gives no SDPA path, breaking the switch."""
+    import dataclasses
+
+    from genalign.generators.audio import AudioDiffusionGenerator
+
+    generator = AudioDiffusionGenerator.from_pretrained(ROOT / "genalign" / "worlds" / "assets" / "tones" / "t2a")
+    options = dataclasses.replace(generator.default_options(), num_inference_steps=2)
+    prompts = ["a piano playing a rising melody", "a fast flute"]
+
+    def sample() -> torch.Tensor:
+        """The sampled latents (sampling decodes to waveforms too, so the SDPA count covers the vocoder)."""
+        return generator.sample(prompts, options, seeds=[0, 1]).trajectory.states
+
+    def mel(latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's decoding, compared instead of waveforms: the Griffin-Lim vocoder's 32 phase iterations turn
+        1e-6 differences into ~1e-3 ones, with no attention involved."""
+        with torch.no_grad():
+            return generator.decode_mel(latents)
+
+    reference_states = sample()
+    reference_mel = mel(reference_states[:, -1])
+    for backend in CPU_BACKENDS:
+        with sdpa_kernels(backend):
+            report = generator.set_attention_backend(backend)
+            assert report["vocoder"] == "no attention layers"
+            assert report["text_encoder"].startswith("transformers eager (ClapTextModelWithProjection")
+            sdpa_calls.clear()
+            assert max_difference(sample(), reference_states) < TOLERANCE, backend
+            assert max_difference(mel(reference_states[:, -1]), reference_mel) < TOLERANCE, backend
+            assert (len(sdpa_calls) == 0) == (backend == "naive"), backend
+
+
 def test_a_transformers_clip_model_computes_the_same_under_every_cpu_backend():
     """A transformers CLIP model (the shapes world's reward CLIP, text and vision towers) gives the same features
     (1e-4) whichever backend. Bug caught: a transformers model left on its load-time implementation, or switched
