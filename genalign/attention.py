@@ -156,8 +156,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: Att
         return _naive_attention(q, k, v, is_causal, attn_mask)
     if backend == "xformers":
         return _xformers_attention(q, k, v, is_causal, attn_mask)
-    if backend not in BACKENDS:
-        _check_name(backend)
+    _check_name(backend)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
