@@ -10,6 +10,7 @@ update sees the same set of samples whether 1 or N processes run (see `EpochPlan
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Callable, Literal, TypeVar
 import numpy as np
 import torch
 
+from genalign.attention import apply_attention_backend, run_device
 from genalign.config import ConfigError, PositiveInt, to_dict
 from genalign.generators import detect_family, generator_class
 from genalign.generators.base import Conditions, Generator, Rollout, Trajectory
@@ -25,6 +27,7 @@ from genalign.sharding import requested_sharding
 from genalign.trainer import ParameterGroup, Trainer, TrainerConfig, launched_processes
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -467,6 +470,9 @@ class Pipeline:
         self.reward = reward or build_reward(config.reward)
         check_modality(self.reward, self.generator)
         self.gold = build_gold(config.eval.gold)
+        self.attention = apply_attention_backend(config.trainer.attention, run_device(), generator=self.generator,
+                                                 reward=self.reward, gold=self.gold)
+        logger.info("attention backend %s: %s", config.trainer.attention, self.attention)
 
     def trainable_steps(self) -> np.ndarray:
         """Indices of the sampling steps with a density (what policy-gradient methods train on)."""

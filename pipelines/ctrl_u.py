@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from genalign.attention import set_attention_backend
 from genalign.config import ConfigError, NonNegativeInt, PositiveInt
 from genalign.control_data import ControlDataset, ControlExamples, build_control_dataset
 from genalign.engine import (EpochPlan, Pipeline, PipelineConfig, RewardConfig, gather_rows, on_every_process,
@@ -119,6 +120,8 @@ class CtrlUPipeline(Pipeline):
         self.evaluation_reward = evaluation_reward
         if self.evaluation_reward is None and config.evaluation is not None:
             self.evaluation_reward = build_named_reward(config.evaluation.name, **config.evaluation.kwargs)
+        self.attention.update(set_attention_backend({"evaluation_reward": self.evaluation_reward},
+                                                    config.trainer.attention))
         for name, judge in (("reward", self.reward), ("evaluation", self.evaluation_reward)):
             if judge is None:
                 continue

@@ -42,6 +42,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 
+from genalign.attention import apply_attention_backend, run_device
 from genalign.config import AtLeast, ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, to_dict
 from genalign.engine import gather_rows
 from genalign.trainer import LoRAConfig, ParameterGroup, Trainer, TrainerConfig
@@ -161,6 +162,7 @@ class GFlowNetPipeline:
             self.policy = build_policy(self.env, size, c.policy.hidden, c.policy.layers, c.policy.heads,
                                        c.policy.uniform_backward)
             self.log_z = LogPartition(size, c.policy.hidden)
+        self.attention = apply_attention_backend(c.trainer.attention, run_device(), policy=self.policy)
         self.replay = (ReplayBuffer(c.replay_capacity, self.env.max_steps, self.num_objectives)
                        if c.replay_capacity else None)
 

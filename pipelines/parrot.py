@@ -174,6 +174,7 @@ class ParrotPipeline(Pipeline):
             self.pen = PromptExpansionNetwork.from_pretrained(c.pen.pretrained, torch_dtype=_DTYPES[c.pen.dtype])
         if self.pen is not None:
             prepare_expander(self.pen, c.pen, self.num_rewards)
+            self.attention.update({f"pen.{k}": v for k, v in self.pen.set_attention_backend(c.trainer.attention).items()})
         self._validate()
         self.train_options = self.options
         if hasattr(self.options, "expansion_guidance_scale"):

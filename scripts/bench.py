@@ -15,7 +15,8 @@ Benchmarks:
 - memory: DRaFT-K peak memory for K = 1, 2, 5, 10 with and without checkpointing of the tracked denoiser
   calls (CUDA: torch.cuda.max_memory_allocated; CPU: peak resident memory of a fresh subprocess per setting, polled every
   millisecond, minus the resident memory after loading the model, with glibc's mmap threshold fixed so that RSS follows live memory).
-- attention: diffusers' fused SDPA processor (AttnProcessor2_0) vs the naive AttnProcessor, UNet forward.
+- attention: trainer.attention=sdpa vs naive (genalign.attention's switch), forward passes: the committed shapes-world
+  UNet at its sampling batch (64 images + CFG) and a masked-diffusion transformer backbone at L = 128, 512, 1024.
 - shapes: the committed shapes-world model (genalign/worlds/assets/shapes/t2i) at the demo's settings (64 images,
   10 DDIM steps, CFG 5, eta 1): our sampler with per-step log-probs vs diffusers' pipeline, plus samples/s.
 - tones: the committed tones-world text-to-audio model (genalign/worlds/assets/tones/t2a; 2 s clips, Griffin-Lim
@@ -437,35 +438,48 @@ def bench_memory(args) -> list[dict]:
     return rows
 
 
-def bench_attention(args) -> dict:
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+def bench_attention(args) -> list[dict]:
+    """trainer.attention=sdpa vs naive (`genalign.attention`), forward passes under no_grad, measured alternately:
+    the committed shapes-world UNet at its sampling batch (64 images with CFG: 128 rows of 8×8 latents, the
+    prompts' CLIP states), and a masked-diffusion transformer backbone (MaskedDiffusionConfig's width 128, 4 heads,
+    4 blocks, batch 8) at sequence lengths 128, 512 and 1024. The switch is inside each timed call (a walk over the
+    modules, well under a millisecond)."""
+    from genalign.attention import set_attention_backend
+    from genalign.generators.masked import MaskedDiffusionConfig, build_backbone
 
-    pipe = bench_pipe(args.image_size).to(args.device)
-    unet = pipe.unet
-    latent = args.image_size // 2
-    x = torch.randn(args.batch * 2, 4, latent, latent, device=args.device)
-    t = torch.full((args.batch * 2,), 500, device=args.device)
-    text = torch.randn(args.batch * 2, 16, unet.config.cross_attention_dim, device=args.device)
+    generator = DiffusionGenerator.from_pretrained(SHAPES_MODEL).to(args.device)
+    unet = generator.denoiser
+    prompts = (ROOT / "configs" / "prompts" / "shapes_eval.txt").read_text().splitlines()[:64]
+    size = unet.config.sample_size
+    with torch.no_grad():
+        pixels = size * generator.vae_scale_factor
+        text = generator.encode_prompts([""] * len(prompts) + prompts, pixels, pixels).embeds
+    x = torch.randn(len(text), unet.config.in_channels, size, size, device=args.device)
+    t = torch.full((len(text),), 500, device=args.device)
+    cases = [(f"shapes-world UNet forward, batch {len(text)} (64 images + CFG), {size}×{size} latents", unet,
+              lambda: unet(x, t, encoder_hidden_states=text))]
+    for length in (128, 512, 1024):
+        config = MaskedDiffusionConfig(alphabet="ACGT", length=length, backbone="transformer", num_layers=4)
+        backbone = build_backbone(config).to(args.device).eval()
+        ids = torch.randint(0, config.vocab_size + 1, (8, length), device=args.device)
+        cases.append((f"masked-diffusion transformer forward, batch 8, L = {length}", backbone,
+                      lambda backbone=backbone, ids=ids: backbone(ids)))
 
-    def forward():
-        with torch.no_grad():
-            unet(x, t, encoder_hidden_states=text)
+    rows = []
+    for name, model, forward in cases:
+        def on(backend, model=model, forward=forward):
+            def run():
+                set_attention_backend(model, backend)
+                with torch.no_grad():
+                    forward()
 
-    def with_processor(processor):
-        def run():
-            unet.set_attn_processor(processor)
-            forward()
+            return run
 
-        return run
-
-    naive, fused = paired(with_processor(AttnProcessor()), with_processor(AttnProcessor2_0()), args.repeats * 2)
-    return {
-        "benchmark": f"UNet forward, batch {args.batch * 2}, {latent}×{latent} latents",
-        "baseline": "naive AttnProcessor",
-        "baseline_s": naive,
-        "ours_s": fused,
-        "ratio": fused / naive,
-    }
+        naive, fused = paired(on("naive"), on("sdpa"), args.repeats)
+        set_attention_backend(model, "sdpa")
+        rows.append({"benchmark": name, "baseline": "naive softmax(QKᵀ/√d)·V", "baseline_s": naive, "ours_s": fused,
+                     "ratio": fused / naive})
+    return rows
 
 
 def bench_parrot(args) -> list[dict]:

@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from genalign.attention import AttentionBackend, set_attention_backend
 from genalign.generators.base import ModelLoadError
 from genalign.generators.diffusion import (
     _MASK_FLAG,
@@ -218,6 +219,17 @@ class AudioDiffusionGenerator(DiffusionGenerator):
 
     def _modules(self) -> list[torch.nn.Module]:
         return super()._modules() + [self.vocoder]
+
+    def set_attention_backend(self, backend: AttentionBackend) -> dict[str, str]:
+        """As the image generator's, with the CLAP text tower as text encoder, plus the vocoder (a HiFi-GAN or
+        Griffin-Lim, neither with attention layers: listed so that the report shows every module)."""
+        return set_attention_backend({
+            "denoiser": self.denoiser,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "reference_copy": self._reference_copy,
+            "vocoder": self.vocoder,
+        }, backend)
 
     def default_options(self) -> AudioSamplingOptions:
         return AudioSamplingOptions()

@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator, Literal, Protocol, Sequence, runtime
 
 import torch
 
+from genalign.attention import AttentionBackend
+
 Modality = Literal["image", "audio", "sequence"]
 
 
@@ -298,6 +300,12 @@ class Generator(Protocol):
     def reference(self) -> contextlib.AbstractContextManager:
         """A context in which every computation uses the pretrained weights: LoRA adapters disabled
         (`adapters_disabled`), or the frozen copy of `keep_reference_copy` under full fine-tuning."""
+        ...
+
+    def set_attention_backend(self, backend: AttentionBackend) -> dict[str, str]:
+        """Run every attention layer of the generator's models (denoiser, VAE, text encoders, …, and the frozen
+        reference copy) on `backend` (`genalign.attention`: "sdpa", "sdpa_math", "naive", …). Returns {module
+        name: what its attention layers now run}; models without attention say so."""
         ...
 
     def save_pretrained(self, path) -> Any:

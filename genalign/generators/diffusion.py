@@ -34,6 +34,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMSchedul
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTokenizer
 
+from genalign.attention import AttentionBackend, set_attention_backend
 from genalign.generators.base import (
     Conditions,
     ModelLoadError,
@@ -409,6 +410,18 @@ class DiffusionGenerator:
         modules = (self.denoiser, self.vae, self.text_encoder, self.text_encoder_2, self.controlnet,
                    self._reference_copy)
         return [m for m in modules if m is not None]
+
+    def set_attention_backend(self, backend: AttentionBackend) -> dict[str, str]:
+        """Every diffusers model (denoiser, VAE, ControlNet, the frozen reference copy) gets `backend`'s attention
+        processors, the text encoders (transformers) its attention implementation (`genalign.attention`)."""
+        return set_attention_backend({
+            "denoiser": self.denoiser,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "text_encoder_2": self.text_encoder_2,
+            "controlnet": self.controlnet,
+            "reference_copy": self._reference_copy,
+        }, backend)
 
     # ------------------------------------------------------------------ what trains, and the reference
     def trainable_modules(self) -> dict[str, torch.nn.Module]:

@@ -52,6 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from genalign.attention import AttentionBackend, SwitchableAttention, attention, set_attention_backend
 from genalign.generators.base import (
     Conditions,
     ModelLoadError,
@@ -238,9 +239,9 @@ class DilatedConvNet(nn.Module):
         return self.to_logits(self.norm(h))
 
 
-class TransformerBlock(nn.Module):
-    """Pre-LayerNorm bidirectional self-attention (scaled_dot_product_attention) and GELU MLP on [B, L, H].
-    LoRA targets: `to_q`, `to_k`, `to_v`, `to_out`, `ff_in`, `ff_out`."""
+class TransformerBlock(SwitchableAttention, nn.Module):
+    """Pre-LayerNorm bidirectional self-attention and GELU MLP on [B, L, H]; the attention runs on
+    `attention_backend` (`genalign.attention`). LoRA targets: `to_q`, `to_k`, `to_v`, `to_out`, `ff_in`, `ff_out`."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: int) -> None:
         super().__init__()
@@ -263,7 +264,8 @@ class TransformerBlock(nn.Module):
             return t.view(B, L, self.num_heads, H // self.num_heads).transpose(1, 2)
 
         n = self.attn_norm(h)
-        attended = F.scaled_dot_product_attention(heads(self.to_q(n)), heads(self.to_k(n)), heads(self.to_v(n)))
+        attended = attention(heads(self.to_q(n)), heads(self.to_k(n)), heads(self.to_v(n)),
+                             backend=self.attention_backend)
         h = h + self.to_out(attended.transpose(1, 2).reshape(B, L, H))
         return h + self.ff_out(F.gelu(self.ff_in(self.mlp_norm(h))))
 
@@ -554,6 +556,12 @@ class MaskedDiffusionGenerator:
         else:
             with adapters_disabled(self.trainable_modules()):
                 yield
+
+    def set_attention_backend(self, backend: AttentionBackend) -> dict[str, str]:
+        """The transformer backbone's attention runs on `backend` (`genalign.attention`). The CNN backbone has no
+        attention layers; neither has ProteinMPNN, whose encoder and decoder sum MLP messages over each
+        residue's nearest neighbours (no softmax over keys), so it keeps its own implementation unchanged."""
+        return set_attention_backend({"backbone": self.backbone, "reference_copy": self._reference_copy}, backend)
 
     def logits(self, x_t: torch.Tensor, conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Backbone logits [B, L, V+1] for x_t: [B, L] ids (MASK = V) or soft one-hot [B, L, V+1], given the

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from genalign.attention import AttentionBackend, set_attention_backend
 from genalign.generators.base import ModelLoadError
 
 REWARD_TOKEN = "<reward {k}>"  # 1-based k, as the spec writes it
@@ -241,6 +242,11 @@ class PromptExpansionNetwork:
         """Move (and/or cast) the model in place; returns self."""
         self.model.to(device=device, dtype=dtype)
         return self
+
+    def set_attention_backend(self, backend: AttentionBackend) -> dict[str, str]:
+        """The LM's attention implementation for `backend` (`genalign.attention`): "eager" for naive, "sdpa"
+        otherwise (transformers has no xformers path). Returns {"model": what it now runs}."""
+        return set_attention_backend({"model": self.model}, backend)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The model's named parameters with requires_grad (all of them, or only LoRA's after add_lora)."""

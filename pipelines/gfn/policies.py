@@ -7,7 +7,7 @@ single states for the sampler (no gradients). Both read an optional conditioning
 encoded preference and β).
 
 * `GridPolicy` — an MLP on the one-hot coordinates of a HyperGrid state with forward, backward and flow heads.
-* `SequencePolicy` — a causal transformer (`scaled_dot_product_attention`) over [BOS; tokens]: position t reads
+* `SequencePolicy` — a causal transformer over [BOS; tokens]: position t reads
   the prefix of length t and predicts the next action; one pass evaluates every step of a trajectory.
 * `MutationPolicy` — a bidirectional transformer over a design's residues for a `MutationTask` (which
   position to mutate to which residue, or stop).
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genalign.attention import SwitchableAttention, attention
 from pipelines.gfn.environments import Environment, HyperGrid, MutationTask, SequenceTask
 
 
@@ -140,8 +141,9 @@ class GridPolicy(nn.Module):
         return log_pf, log_pb, log_flow.reshape(b, t1)
 
 
-class _CausalBlock(nn.Module):
-    """A pre-norm transformer block on `scaled_dot_product_attention`; causal unless `causal=False`."""
+class _CausalBlock(SwitchableAttention, nn.Module):
+    """A pre-norm transformer block, causal unless `causal=False`; the attention runs on `attention_backend`
+    (`genalign.attention`)."""
 
     def __init__(self, hidden: int, heads: int, causal: bool = True) -> None:
         super().__init__()
@@ -165,7 +167,7 @@ class _CausalBlock(nn.Module):
         causal = self.causal and (cache is None or n > 1)
         if cache is not None and n > 1 and k.shape[2] != n:
             raise ValueError("a cached block takes several new positions only into an empty cache")
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        attended = attention(q, k, v, backend=self.attention_backend, is_causal=causal)
         h = h + self.out(attended.transpose(1, 2).reshape(b, n, width))
         return h + self.mlp(self.norm2(h))
 
