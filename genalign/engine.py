@@ -59,10 +59,14 @@ class PromptConfig:
 
 @dataclass
 class RewardConfig:
-    """A reward from the `rewards` registry, by name, with constructor arguments."""
+    """A reward from the `rewards` registry, by name, with constructor arguments; `device` runs its model on a
+    device of its own (e.g. "cuda:1", or "cpu" to keep an accelerator for the generator) and `batch_size` bounds
+    each call (instance rewards only), see `rewards.placement`."""
 
     name: str = "jpeg_incompressibility"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None
+    batch_size: PositiveInt | None = None
 
 
 @dataclass
@@ -172,8 +176,12 @@ def load_prompts(config: PromptConfig) -> tuple[list[str], list[str]]:
 
 def build_reward(config: RewardConfig):
     from rewards import build_reward as build
+    from rewards.placement import Placed
 
-    return build(config.name, **config.kwargs)
+    reward = build(config.name, **config.kwargs)
+    if config.device is None and config.batch_size is None:
+        return reward
+    return Placed(reward, device=config.device, batch_size=config.batch_size)
 
 
 def build_gold(config: GoldConfig):

@@ -60,7 +60,8 @@ def enable_fsdp_on_cpu(mixed_precision: str) -> None:
         shared["distributed_type"] = DistributedType.FSDP
 
 
-def check_shardable(sharding: Sharding, accelerator, modules: dict[str, torch.nn.Module], extra: dict) -> None:
+def check_shardable(sharding: Sharding, accelerator, modules: dict[str, torch.nn.Module], extra: dict,
+                    optimizer: str) -> None:
     """The engine shards one trained module with no extra parameter groups (a DCP optimiser state maps every
     optimised parameter to a name in that module); anything else is refused with what to do instead."""
     if sharding == "deepspeed":
@@ -71,6 +72,9 @@ def check_shardable(sharding: Sharding, accelerator, modules: dict[str, torch.nn
     if not accelerator.is_fsdp2:
         raise ConfigError("genalign shards with FSDP2 (torch's fully_shard); set fsdp_version: 2 in the accelerate "
                           "config, as configs/accelerate/fsdp.yaml does")
+    if optimizer != "adamw":
+        raise ConfigError(f"trainer.optimizer={optimizer} is not tested with sharded parameters (DTensors); use "
+                          "trainer.optimizer=adamw under FSDP, whose shards already divide AdamW's state")
     if len(modules) != 1 or extra:
         trained = sorted(modules) + [f"extra.{name}" for name in extra]
         raise ConfigError(

@@ -31,6 +31,7 @@ from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from genalign.compute import build_optimizer, compile_module, set_tf32, to_channels_last
 from genalign.config import AtLeast, ConfigError, NonNegativeInt, PositiveInt, load_yaml, save_yaml
 from genalign.sharding import (Sharding, check_shardable, enable_fsdp_on_cpu, full_tensor, gathered_weights,
     like_parameter, load_sharded, requested_sharding, save_sharded)
@@ -47,7 +48,7 @@ RESUME_IRRELEVANT_KEYS = (
     "trainer.resume", "trainer.allow_config_change", "trainer.progress", "trainer.log_with",
     "trainer.checkpoint_every", "trainer.keep_checkpoints",
     # Kernel choices: the same computation up to float round-off.
-    "trainer.attention", "trainer.compile", "trainer.compile_mode", "trainer.channels_last",
+    "trainer.attention", "trainer.compile", "trainer.compile_mode", "trainer.compile_backend", "trainer.channels_last",
 )
 
 
@@ -95,9 +96,11 @@ class TrainerConfig:
     # among its fused kernels, "sdpa_flash" / "sdpa_efficient" / "sdpa_math" / "sdpa_cudnn" pin one, "xformers"
     # needs CUDA and the `gpu` extra, "naive" is the reference softmax(QKᵀ/√d)·V.
     attention: Literal["sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_math", "sdpa_cudnn", "xformers", "naive"] = "sdpa"
-    # torch.compile the trainable modules (the denoiser, the ControlNet, a policy) after wrapping them.
+    # torch.compile the trainable modules (the denoiser, the ControlNet, a policy) after wrapping them; the
+    # backend is torch.compile's ("inductor" generates kernels; "aot_eager" traces without, for debugging).
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile_backend: str = "inductor"
     # Convolutional modules (UNets, VAEs, ControlNets) in channels-last memory format: faster convolutions with
     # tensor cores; no effect on what is computed.
     channels_last: bool = False
@@ -239,12 +242,16 @@ class Trainer:
         self.sharding: Sharding | None = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(
             self.accelerator.distributed_type)
         self._resume_path = self._check_run_folder(run_config)
+        set_tf32(config.tf32)
         set_seed(config.seed)
         self.generator = generator
         generator.to(self.accelerator.device)
         modules = prepare_trainable_modules(generator, config)
         if self.sharding is not None:
-            check_shardable(self.sharding, self.accelerator, modules, extra_parameters or {})
+            check_shardable(self.sharding, self.accelerator, modules, extra_parameters or {}, config.optimizer)
+        if config.channels_last:
+            for module in modules.values():
+                to_channels_last(module)
         if keep_reference:
             generator.keep_reference_copy()
         self.named_parameters = _trained_parameters(modules)
@@ -272,13 +279,9 @@ class Trainer:
         groups += [{"params": list(group.parameters.values()), "lr": group.learning_rate,
                     "weight_decay": config.weight_decay if group.weight_decay is None else group.weight_decay}
                    for group in (extra_parameters or {}).values()]
-        self.optimizer = torch.optim.AdamW(
-            groups,
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_eps,
-            weight_decay=config.weight_decay,
-        )
+        self.optimizer = build_optimizer(config.optimizer, groups, lr=config.learning_rate,
+                                         betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                                         weight_decay=config.weight_decay)
         # Not handed to accelerator.prepare: its wrapper steps the schedule once per process on every update,
         # so a cosine schedule would run num_processes times too fast. It steps once per applied update here.
         self.lr_scheduler = get_scheduler(
@@ -292,7 +295,12 @@ class Trainer:
         # FSDP replaces each parameter by its sharded version (the optimiser was switched over by prepare).
         self.named_parameters = _trained_parameters(modules)
         self.parameters = list(self.named_parameters.values())
-        generator.set_training_modules(dict(zip(modules, wrapped)))
+        # Forward passes go through the wrappers, compiled if asked; gradient sync keeps the uncompiled ones.
+        forward = dict(zip(modules, wrapped))
+        if config.compile:
+            forward = {name: compile_module(module, config.compile_mode, config.compile_backend)
+                       for name, module in forward.items()}
+        generator.set_training_modules(forward)
         # The extra groups (e.g. Parrot's prompt-expansion network) are averaged too: an EMA evaluation must not
         # pair averaged generator weights with raw weights of the modules that condition it.
         self.ema = EMA(self._all_trained_parameters(), config.ema_decay) if config.ema else None

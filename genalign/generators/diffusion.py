@@ -701,13 +701,13 @@ class DiffusionGenerator:
         else the distributed wrapper once a trainer prepared one, else the denoiser itself."""
         if self._in_reference and self.controlnet is None:
             return self._reference_copy
-        return self._forward or self.denoiser
+        return self._forward if self._forward is not None else self.denoiser
 
     def _controlnet_forward(self) -> torch.nn.Module:
         """The same choice for the ControlNet (what trains when one is attached)."""
         if self._in_reference:
             return self._reference_copy
-        return self._control_forward or self.controlnet
+        return self._control_forward if self._control_forward is not None else self.controlnet
 
     def _call_denoiser(self, latents: torch.Tensor, timesteps: torch.Tensor, text: PromptEmbeds,
                        control: torch.Tensor | None = None, control_scale: float = 1.0) -> torch.Tensor:
