@@ -460,9 +460,10 @@ class Pipeline:
     """
 
     takes_prompts = True  # False: the method's data brings its own captions (prompts.* must stay empty)
-    # True once the method is tested under FSDP (2 sharded processes equal to 1): every process then makes the
-    # same collective calls, which a sharded module's training forwards and backwards need.
-    supports_sharding = False
+    # The sharded strategies ("fsdp", "deepspeed") the method is tested under (2 sharded processes equal to 1):
+    # under FSDP every process must make the same collective calls in training forwards and backwards; under
+    # DeepSpeed every backward must sit in `trainer.accumulate()`, since the engine steps at its boundary.
+    sharding_strategies: tuple[str, ...] = ()
 
     def __init__(self, config: PipelineConfig, generator: Generator | None = None, reward=None):
         self.config = config
@@ -505,9 +506,11 @@ class Pipeline:
             (trainer, first epoch to run, the pipeline state saved with the restored checkpoint or {}).
         """
         c = self.config
-        if requested_sharding() is not None and launched_processes() > 1 and not self.supports_sharding:
-            raise ConfigError(f"the {c.pipeline} pipeline is not tested under sharded training ({requested_sharding()}); "
-                              "launch it with data parallelism (configs/accelerate/ddp.yaml, or no --config_file)")
+        sharding = requested_sharding()
+        if sharding is not None and launched_processes() > 1 and sharding not in self.sharding_strategies:
+            tested = f" (it is under {', '.join(self.sharding_strategies)})" if self.sharding_strategies else ""
+            raise ConfigError(f"the {c.pipeline} pipeline is not tested under {sharding}{tested}; launch it with data "
+                              "parallelism (configs/accelerate/ddp.yaml, or no --config_file)")
         trainer = Trainer(
             self.generator,
             c.trainer,

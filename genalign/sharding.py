@@ -1,5 +1,6 @@
-"""Sharded training (FSDP through accelerate): which strategy a launch asks for, the full weights where a whole
-copy is needed (inference, exports), and checkpoints of sharded state that resume on any process count.
+"""Sharded training through accelerate (FSDP, DeepSpeed ZeRO 1–2): which strategy a launch asks for, what each
+supports, the full weights where a whole copy is needed (inference, exports), and FSDP checkpoints of sharded
+state that resume on any process count.
 
 `accelerate launch --config_file configs/accelerate/fsdp.yaml ...` shards the trained module's parameters,
 gradients and optimiser state over the processes (torch's FSDP2, `fully_shard`; each parameter becomes a DTensor
@@ -17,6 +18,13 @@ where sharding changes what a step means:
 
 accelerate switches FSDP on only on accelerators; torch's FSDP2 also runs on CPU processes (gloo), so a CPU
 launch with an FSDP config gets it too (`enable_fsdp_on_cpu`) — that is how the tests exercise this path.
+
+DeepSpeed ZeRO stages 1–2 (`configs/accelerate/deepspeed_zero2.yaml`) keep whole weights on every process and
+partition gradients and optimiser state; the engine clips and applies each update inside the backward pass
+that ends it, and keeps float32 master weights. Its checkpoints are the engine's own (`save_checkpoint`), which
+DeepSpeed cannot re-partition for another process count: such a resume is refused with what to do. ZeRO-3
+(sharded weights, gathered at every forward) is refused in favour of FSDP. On CPU processes DeepSpeed runs
+over gloo (the Trainer tells accelerate so), which is how the tests exercise it.
 """
 
 from __future__ import annotations
@@ -65,11 +73,13 @@ def check_shardable(sharding: Sharding, accelerator, modules: dict[str, torch.nn
     """The engine shards one trained module with no extra parameter groups (a DCP optimiser state maps every
     optimised parameter to a name in that module); anything else is refused with what to do instead."""
     if sharding == "deepspeed":
-        raise ConfigError(
-            "DeepSpeed is not supported by the genalign trainer yet (configs/accelerate/ has its configs for when "
-            "it is); use FSDP for sharded training: accelerate launch --config_file configs/accelerate/fsdp.yaml"
-        )
-    if not accelerator.is_fsdp2:
+        stage = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2):
+            raise ConfigError(
+                f"DeepSpeed ZeRO stage {stage} shards the parameters themselves, which every sampling step would "
+                "then gather; genalign runs ZeRO stages 1–2 (configs/accelerate/deepspeed_zero2.yaml) and shards "
+                "parameters with FSDP (configs/accelerate/fsdp.yaml)")
+    elif not accelerator.is_fsdp2:
         raise ConfigError("genalign shards with FSDP2 (torch's fully_shard); set fsdp_version: 2 in the accelerate "
                           "config, as configs/accelerate/fsdp.yaml does")
     if optimizer != "adamw":
@@ -78,9 +88,19 @@ def check_shardable(sharding: Sharding, accelerator, modules: dict[str, torch.nn
     if len(modules) != 1 or extra:
         trained = sorted(modules) + [f"extra.{name}" for name in extra]
         raise ConfigError(
-            f"FSDP shards one trained module, and this run trains {', '.join(trained)}; launch it with DDP instead "
-            "(accelerate launch without an FSDP config, or configs/accelerate/ddp.yaml)"
+            f"{sharding} shards one trained module, and this run trains {', '.join(trained)}; launch it with DDP "
+            "instead (accelerate launch without a sharded config, or configs/accelerate/ddp.yaml)"
         )
+
+
+def configure_deepspeed(accelerator, max_grad_norm: float) -> None:
+    """Fill the DeepSpeed config fields that accelerate derives from a dataloader, which the engine's loop has not:
+    DeepSpeed only checks batch arithmetic with them (our micro-batches are the pipelines'). Its clipping is
+    ours. Must run before `prepare`."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = 1
+    config["train_batch_size"] = accelerator.gradient_accumulation_steps * accelerator.num_processes
+    config["gradient_clipping"] = max_grad_norm
 
 
 def fsdp_modules(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:

@@ -26,21 +26,22 @@ from typing import Annotated, Any, Iterator, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, GradScalerKwargs, set_seed
+from accelerate.utils import DistributedType, GradScalerKwargs, InitProcessGroupKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from genalign.compute import build_optimizer, compile_module, set_tf32, to_channels_last
 from genalign.config import AtLeast, ConfigError, NonNegativeInt, PositiveInt, load_yaml, save_yaml
-from genalign.sharding import (Sharding, check_shardable, enable_fsdp_on_cpu, full_tensor, gathered_weights,
-    like_parameter, load_sharded, requested_sharding, save_sharded)
+from genalign.sharding import (Sharding, check_shardable, configure_deepspeed, enable_fsdp_on_cpu, full_tensor,
+    gathered_weights, like_parameter, load_sharded, requested_sharding, save_sharded)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 # A sharded run's parameters, optimiser state and EMA, as a torch.distributed.checkpoint folder (genalign.sharding).
 SHARDED_STATE = "sharded"
+DEEPSPEED_TAG = "state"  # the DeepSpeed engine's checkpoint tag inside SHARDED_STATE
 # A checkpoint being replaced by a new save of the same step waits under this prefix until the new one is in place.
 ASIDE_PREFIX = ".old_"
 # Config keys that may change between a run and its resumption without changing what it computes.
@@ -220,12 +221,18 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.output_dir)
         scaler_kwargs = GradScalerKwargs(init_scale=config.fp16_initial_loss_scale)
+        handlers: list[Any] = [scaler_kwargs]
+        # accelerate starts DeepSpeed only when not told the run is CPU-only; DeepSpeed then runs on CPU processes
+        # over gloo, which accelerate must be told.
+        deepspeed_on_cpu = requested_sharding() == "deepspeed" and not _has_accelerator()
+        if deepspeed_on_cpu:
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=accumulation_steps,
             # accelerate treats a torchrun launch as multi-CPU (gloo) only when told the run is CPU-only.
-            cpu=not _has_accelerator(),
-            kwargs_handlers=[scaler_kwargs],
+            cpu=not _has_accelerator() and not deepspeed_on_cpu,
+            kwargs_handlers=handlers,
         )
         if self.accelerator.num_processes != launched_processes():
             # Pipelines sized gradient accumulation from WORLD_SIZE before the Accelerator existed.
@@ -249,6 +256,8 @@ class Trainer:
         modules = prepare_trainable_modules(generator, config)
         if self.sharding is not None:
             check_shardable(self.sharding, self.accelerator, modules, extra_parameters or {}, config.optimizer)
+        if self.sharding == "deepspeed":
+            configure_deepspeed(self.accelerator, config.max_grad_norm)
         if config.channels_last:
             for module in modules.values():
                 to_channels_last(module)
@@ -431,6 +440,12 @@ class Trainer:
         norm = float(full_tensor(self.accelerator.clip_grad_norm_(
             [*self.parameters, *self.extra_parameters.values()], self.config.max_grad_norm)))
         self._last_grad_norm = norm
+        if not math.isfinite(norm) and self.sharding == "deepspeed":
+            # The engine applied this update inside backward (it owns the step), so it cannot be skipped here.
+            raise FloatingPointError(
+                f"update {self.updates + 1}: gradient norm is {norm}, and DeepSpeed has already applied the update; "
+                "the run stops before a checkpoint saves it (the last checkpoint is intact). Lower "
+                "trainer.learning_rate or check the reward for extreme values")
         if not math.isfinite(norm):
             scaler = self.accelerator.scaler
             if scaler is not None:
@@ -576,13 +591,16 @@ class Trainer:
         # The whole weights, for the exports; under FSDP gathering them is a collective, so every process calls.
         trainable = self._trainable_state()
         ema = self.ema.state_dict() if self.ema is not None else None
-        if self.sharding is not None:
+        if self.sharding == "fsdp":
             save_sharded(tmp / SHARDED_STATE, self._wrapped[0], self.optimizer.optimizer, self.named_parameters,
                          None if self.ema is None else self.ema.shadow)
+        elif self.sharding == "deepspeed":
+            # The engine's own format: the module's weights and each process's ZeRO partition of the optimiser.
+            self._wrapped[0].save_checkpoint(str(tmp / SHARDED_STATE), tag=DEEPSPEED_TAG, save_latest=False)
         if self.is_main:
             # A sharded module's state_dict holds shards (FSDP2 supports no whole copy of it): `genalign export`
-            # writes a sharded run's adapter from trainable.safetensors instead.
-            if self.config.lora.enabled and self.sharding is None:
+            # writes a sharded run's adapter from trainable.safetensors instead. (ZeRO 1–2 keep whole weights.)
+            if self.config.lora.enabled and self.sharding != "fsdp":
                 with self.ema_weights():
                     self.generator.save_adapter(tmp / "lora")
                 if self.ema is not None:
@@ -603,6 +621,7 @@ class Trainer:
                 "updates": self.updates,
                 "skipped_updates": self.skipped_updates,
                 "num_processes": self.num_processes,
+                "sharding": self.sharding,
                 "lora": self.config.lora.enabled,
                 "pipeline_state": json_state,
                 "python_random": _jsonable_python_rng(random.getstate()),
@@ -667,7 +686,24 @@ class Trainer:
             )
         ema_file = path / "ema.safetensors"
         with_ema = self.ema is not None and ema_file.exists()
-        if (path / SHARDED_STATE).exists():
+        saved_sharding = meta.get("sharding")
+        saved_processes = int(meta.get("num_processes", 1))
+        if (saved_sharding == "deepspeed") != (self.sharding == "deepspeed"):
+            raise CheckpointError(
+                f"checkpoint '{path}' was written {'by' if saved_sharding == 'deepspeed' else 'without'} DeepSpeed, "
+                "whose ZeRO optimiser state converts to no other strategy's; resume it "
+                f"{'under' if saved_sharding == 'deepspeed' else 'without'} DeepSpeed (any process count)")
+        if saved_sharding == "deepspeed":
+            if saved_processes != self.num_processes:
+                raise CheckpointError(
+                    f"checkpoint '{path}' holds DeepSpeed ZeRO partitions of {saved_processes} process(es), which "
+                    f"DeepSpeed cannot re-partition for {self.num_processes}; resume it on {saved_processes}, or "
+                    "train with FSDP (configs/accelerate/fsdp.yaml), whose checkpoints move between process counts")
+            self._wrapped[0].load_checkpoint(str(path / SHARDED_STATE), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+            if with_ema:
+                self.ema.load_state_dict(load_file(str(ema_file)))
+        elif (path / SHARDED_STATE).exists():
             # A sharded run's checkpoint: DCP re-shards it for this run's processes (or reads whole tensors).
             load_sharded(path / SHARDED_STATE, self._wrapped[0], self.optimizer.optimizer, self.named_parameters,
                          self.ema.shadow if with_ema else None)
@@ -691,7 +727,6 @@ class Trainer:
             self._missing_state(path, "EMA state (it was trained with trainer.ema=false)",
                                 "an EMA started from the checkpoint's weights")
             self.ema = EMA(self._all_trained_parameters(), self.config.ema_decay)
-        saved_processes = int(meta.get("num_processes", 1))
         if saved_processes != self.num_processes:
             logger.info("resuming a checkpoint of %d process(es) on %d", saved_processes, self.num_processes)
         # Every process is seeded alike and runs the same program, so a process the checkpoint did not have

@@ -107,7 +107,7 @@ class CtrlUPipeline(Pipeline):
     """Ctrl-U (and, with `uncertainty: false`, the ControlNet++-style baseline) on a generator with a ControlNet."""
 
     config_class = CtrlUConfig
-    supports_sharding = True
+    sharding_strategies = ("fsdp", "deepspeed")
     takes_prompts = False  # the captions come with the data
 
     def __init__(self, config: CtrlUConfig, generator: Generator | None = None, reward=None,

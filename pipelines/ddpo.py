@@ -77,7 +77,7 @@ class DDPOPipeline(Pipeline):
     """DDPO on any generator with per-step log-probabilities, with any reward from `rewards`."""
 
     config_class = DDPOConfig
-    supports_sharding = True
+    sharding_strategies = ("fsdp", "deepspeed")
 
     def __init__(self, config: DDPOConfig, generator: Generator | None = None, reward=None) -> None:
         super().__init__(config, generator, reward)

@@ -46,7 +46,7 @@ class DRaFTPipeline(Pipeline):
     """DRaFT-K, AlignProp (random truncation) and DRaFT-LV on a generator with a differentiable sampler."""
 
     config_class = DRaFTConfig
-    supports_sharding = True
+    sharding_strategies = ("fsdp", "deepspeed")
 
     def __init__(self, config: DRaFTConfig, generator: Generator | None = None, reward=None) -> None:
         super().__init__(config, generator, reward)

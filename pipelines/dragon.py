@@ -221,7 +221,9 @@ class DRAGONPipeline(Pipeline):
     instance-to-distribution or distribution-to-distribution."""
 
     config_class = DRAGONConfig
-    supports_sharding = True
+    # Not DeepSpeed: an update's micro-batches are backward calls outside trainer.accumulate() (their number
+    # varies by round), and the engine would step after each.
+    sharding_strategies = ("fsdp",)
 
     def __init__(self, config: DRAGONConfig, generator: Generator | None = None, reward=None) -> None:
         super().__init__(config, generator, reward)

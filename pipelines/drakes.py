@@ -48,7 +48,7 @@ class DRAKESPipeline(Pipeline):
     """DRAKES on a generator with a relaxed differentiable sampler and `step_kl` (the masked family)."""
 
     config_class = DRAKESConfig
-    supports_sharding = True
+    sharding_strategies = ("fsdp", "deepspeed")
 
     def __init__(self, config: DRAKESConfig, generator: Generator | None = None, reward=None) -> None:
         super().__init__(config, generator, reward)

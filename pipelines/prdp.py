@@ -146,7 +146,7 @@ class PRDPPipeline(Pipeline):
     are summed)."""
 
     config_class = PRDPConfig
-    supports_sharding = True
+    sharding_strategies = ("fsdp", "deepspeed")
 
     def __init__(self, config: PRDPConfig, generator: Generator | None = None, reward=None) -> None:
         super().__init__(config, generator, reward)

@@ -81,21 +81,24 @@ def torchrun():
 
 
 @pytest.fixture
-def fsdp_launch():
-    """Run a script on CPU processes under the shipped FSDP config (`accelerate launch --config_file
-    configs/accelerate/fsdp.yaml`: torch's FSDP2 on gloo), on a free port; raises with the workers' stderr."""
+def accelerate_launch():
+    """Run a script on CPU processes under a shipped launcher config (`accelerate launch --config_file
+    configs/accelerate/<config>.yaml`: "fsdp" is torch's FSDP2 on gloo, "deepspeed_zero2" DeepSpeed's ZeRO-2 on
+    gloo), on a free port. `check=True` raises with the workers' stderr."""
     import subprocess
     import sys
     from pathlib import Path
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    folder = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
-    def run(args, *, env, processes=2, timeout=600):
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+    def run(args, *, env, config="fsdp", processes=2, check=True, timeout=600):
+        if config.startswith("deepspeed"):
+            pytest.importorskip("deepspeed")
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(folder / f"{config}.yaml"),
                    "--num_processes", str(processes), "--main_process_port", str(_free_port()), *map(str, args)]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-        if result.returncode != 0:
-            raise AssertionError(f"FSDP run failed (exit {result.returncode}):\n{result.stderr[-6000:]}")
+        if check and result.returncode != 0:
+            raise AssertionError(f"{config} run failed (exit {result.returncode}):\n{result.stderr[-6000:]}")
         return result
 
     return run

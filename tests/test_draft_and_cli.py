@@ -165,10 +165,12 @@ def test_draft_variants_raise_the_reward(tiny_sd_dir, tmp_path, variant):
         assert set(ks) == {variant.get("grad_steps", 1)}
 
 
-def test_draft_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun, fsdp_launch):
-    """1 process, 2 DDP processes and 2 FSDP processes (the shipped config) of the same global batch end alike.
-    Fails if a sample's noise or truncation K depends on the process, if the reward gradient is averaged per
-    process, or, under FSDP, if the differentiable sampler's sharded forwards do not match across processes."""
+def test_draft_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun, accelerate_launch):
+    """1 process, 2 DDP processes, 2 FSDP processes and 2 DeepSpeed ZeRO-2 processes (the shipped configs) of the
+    same global batch end alike (ZeRO keeps float32 master weights: its bound is float32's). Fails if a sample's
+    noise or truncation K depends on the process, if the reward gradient is averaged per process, under FSDP if
+    the differentiable sampler's sharded forwards do not match across processes, under DeepSpeed if the engine
+    steps or clips other than once per update."""
     import os
     import subprocess
     import sys
@@ -183,14 +185,16 @@ def test_draft_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_p
     subprocess.run([sys.executable, str(worker), "draft", str(tiny_sd_dir), str(tmp_path / "one"), "train_batch_size=2",
                     *overrides], check=True, env=env, capture_output=True, timeout=600)
     torchrun([worker, "draft", tiny_sd_dir, tmp_path / "two", "train_batch_size=1", *overrides], env=env)
-    fsdp_launch([worker, "draft", tiny_sd_dir, tmp_path / "sharded", "train_batch_size=1", *overrides], env=env)
+    accelerate_launch([worker, "draft", tiny_sd_dir, tmp_path / "sharded", "train_batch_size=1", *overrides], env=env)
+    accelerate_launch([worker, "draft", tiny_sd_dir, tmp_path / "zero2", "train_batch_size=1", *overrides], env=env,
+                      config="deepspeed_zero2")
     weights = [load_file(str(tmp_path / run / "checkpoints" / "step_000002" / "trainable.safetensors"))
-               for run in ("one", "two", "sharded")]
+               for run in ("one", "two", "sharded", "zero2")]
     assert max(float(v.abs().max()) for k, v in weights[0].items() if "lora_B" in k) > 0  # training moved B
     for other in weights[1:]:
         for key in weights[0]:
             assert torch.allclose(weights[0][key], other[key], atol=1e-6), key
-    for run in ("two", "sharded"):
+    for run in ("two", "sharded", "zero2"):
         for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / run)):
             for key in ("reward_mean", "grad_steps", "lr", "eval_reward_mean"):
                 if key in a:

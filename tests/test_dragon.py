@@ -288,7 +288,7 @@ def test_resume_equals_uninterrupted_run(tiny_sd_dir, tmp_path):
     assert again[-1]["dragon_loss"] == pytest.approx(straight[-1]["dragon_loss"], rel=1e-6)
 
 
-def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun, fsdp_launch):
+def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun, accelerate_launch):
     """Pairs are dealt to processes; fails if an item is trained twice or not at all, the loss scaling does not
     undo DDP's averaging (P / total per item), or a process with fewer items falls out of step (with DDP, and
     under the shipped FSDP config, where the reference passes run on the sharded module with adapters off)."""
@@ -304,7 +304,7 @@ def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, t
     subprocess.run([sys.executable, str(worker), "dragon", str(tiny_sd_dir), str(tmp_path / "one"),
                     "train_batch_size=4", *extra], check=True, env=env, capture_output=True)
     torchrun([worker, "dragon", tiny_sd_dir, tmp_path / "two", "train_batch_size=1", *extra], env=env)
-    fsdp_launch([worker, "dragon", tiny_sd_dir, tmp_path / "sharded", "train_batch_size=1", *extra], env=env)
+    accelerate_launch([worker, "dragon", tiny_sd_dir, tmp_path / "sharded", "train_batch_size=1", *extra], env=env)
     one = _weights(tmp_path / "one", 1)
     assert max(float(v.abs().max()) for v in one.values()) > 0
     for run in ("two", "sharded"):

@@ -284,9 +284,10 @@ def test_bad_config_is_a_clear_error(tiny_sd_dir, tmp_path):
         PRDPPipeline(tiny_config(tiny_sd_dir, tmp_path, **{"sampling.eta": 0.0}), reward=CountingReward()).train()
 
 
-def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun, fsdp_launch):
+def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, torchrun, accelerate_launch):
     """Groups are split across processes; the gathered pairs and the gradient scaling must make that invisible,
-    with DDP and under the shipped FSDP config (where the probe, on uneven shares, runs on gathered weights)."""
+    with DDP, under the shipped FSDP config (where the probe, on uneven shares, runs on gathered weights) and under
+    DeepSpeed ZeRO-2 (the engine steps at the end of each update's accumulated backward calls)."""
     worker = ROOT / "tests" / "helpers" / "pipeline_worker.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     common = ["prdp", str(tiny_sd_dir)]
@@ -295,10 +296,12 @@ def test_two_processes_end_with_the_same_weights_as_one(tiny_sd_dir, tmp_path, t
     subprocess.run([sys.executable, str(worker), *common, str(tmp_path / "one"), "train_batch_size=4", *extra],
                    check=True, env=env, capture_output=True)
     torchrun([worker, *common, tmp_path / "two", "train_batch_size=2", *extra], env=env)
-    fsdp_launch([worker, *common, tmp_path / "sharded", "train_batch_size=2", *extra], env=env)
+    accelerate_launch([worker, *common, tmp_path / "sharded", "train_batch_size=2", *extra], env=env)
+    accelerate_launch([worker, *common, tmp_path / "zero2", "train_batch_size=2", *extra], env=env,
+                      config="deepspeed_zero2")
     one = _weights(tmp_path / "one", 1)
     assert max(float(v.abs().max()) for v in one.values()) > 0
-    for run in ("two", "sharded"):
+    for run in ("two", "sharded", "zero2"):
         other = _weights(tmp_path / run, 1)
         for key in one:
             assert torch.allclose(one[key], other[key], atol=1e-5), (run, key)

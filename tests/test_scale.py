@@ -73,25 +73,28 @@ def drakes_config(path: Path, model: Path) -> Path:
     return path
 
 
-def test_drakes_on_two_processes_ends_like_one(masked_model_dir, tmp_path, torchrun, fsdp_launch):
+def test_drakes_on_two_processes_ends_like_one(masked_model_dir, tmp_path, torchrun, accelerate_launch):
     """Each process samples its share of the relaxed batch with its samples' own seeds; the hard-step KL chunks and
     the reward's backward are accumulated, and DDP (or FSDP, with the shipped config) averages. Fails if a sample's
     Gumbel noise depends on the process, if the loss is scaled by the local instead of the global micro-batch
     count, if the held-out evaluation (3 samples: 2 + 1 over the processes) or the reward log is not gathered, or
-    if the reference passes (LoRA off on the sharded module) fall out of step between processes."""
+    if the reference passes (LoRA off on the sharded module) fall out of step between processes, or, under
+    DeepSpeed ZeRO-2 (float32 master weights: a float32 bound), if the engine steps before an update's last
+    chunk."""
     import json
 
     config = drakes_config(tmp_path / "drakes.yaml", masked_model_dir)
     launch(config, tmp_path / "one", 1, torchrun, "train_batch_size=4")
     launch(config, tmp_path / "two", 2, torchrun)
-    fsdp_launch([WORKER, config, f"trainer.output_dir={tmp_path / 'sharded'}"], env=ENV)
-    for run in ("two", "sharded"):
-        assert_same_weights(weights(tmp_path / "one", 2), weights(tmp_path / run, 2), atol=1e-9)
+    accelerate_launch([WORKER, config, f"trainer.output_dir={tmp_path / 'sharded'}"], env=ENV)
+    accelerate_launch([WORKER, config, f"trainer.output_dir={tmp_path / 'zero2'}"], env=ENV, config="deepspeed_zero2")
+    for run, bound in (("two", 1e-9), ("sharded", 1e-9), ("zero2", 1e-6)):
+        assert_same_weights(weights(tmp_path / "one", 2), weights(tmp_path / run, 2), atol=bound)
         logs = [(tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("one", run)]
         for a, b in zip(*[[json.loads(line) for line in log] for log in logs]):
             for key in ("reward_mean", "reward_std", "kl", "eval_reward_mean", "lr"):
                 if key in a:
-                    assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (run, key)
+                    assert b[key] == pytest.approx(a[key], rel=bound, abs=1e-12), (run, key)
 
 
 def test_rtb_on_two_processes_ends_like_one(masked_model_dir, tmp_path, torchrun):
@@ -180,7 +183,7 @@ def test_a_gflownet_checkpoint_with_replay_resumes_on_one_process(tmp_path, torc
 
 
 def test_fsdp_trains_like_one_process_and_its_checkpoints_move_between_process_counts(tiny_sd_dir, tmp_path,
-                                                                                       torchrun, fsdp_launch):
+                                                                                       torchrun, accelerate_launch):
     """DDPO with LoRA, EMA and a warm-up + cosine schedule, under the shipped FSDP config (FSDP2 on gloo CPU
     processes), run in four pieces — FSDP on 2 processes, then 1 process without FSDP, then FSDP on 3, then FSDP on
     2 — ends with the weights and EMA of one uninterrupted 1-process run. Fails if the optimiser, the parameters or
@@ -192,7 +195,7 @@ def test_fsdp_trains_like_one_process_and_its_checkpoints_move_between_process_c
     settings = ["prompts_per_epoch=3", "updates_per_epoch=1", "eval.every=1", "trainer.max_grad_norm=0.05"]
     launch(config, tmp_path / "straight", 1, torchrun, *settings)
     moved = tmp_path / "moved"
-    fsdp_run = lambda processes, *args: fsdp_launch([WORKER, config, *args], env=ENV, processes=processes)  # noqa: E731
+    fsdp_run = lambda processes, *args: accelerate_launch([WORKER, config, *args], env=ENV, processes=processes)  # noqa: E731
     fsdp_run(2, "--stop-after", 0, f"trainer.output_dir={moved}", *settings)
     assert (moved / "checkpoints" / "step_000000" / "sharded").is_dir()
     launch(config, moved, 1, torchrun, *settings, "trainer.resume=latest", stop_after=1)
@@ -208,3 +211,27 @@ def test_fsdp_trains_like_one_process_and_its_checkpoints_move_between_process_c
     name = "pytorch_lora_weights.safetensors"
     assert_same_weights(load_file(str(tmp_path / "straight" / "checkpoints" / "step_000003" / "lora" / name)),
                         load_file(str(tmp_path / "exported" / name)), atol=1e-6)
+
+
+def test_deepspeed_zero2_trains_like_one_process_and_resumes_on_its_process_count(tiny_sd_dir, tmp_path, torchrun,
+                                                                                 accelerate_launch):
+    """DDPO with LoRA, EMA and a warm-up + cosine schedule under the shipped DeepSpeed ZeRO-2 config on 2 CPU
+    processes, stopped after 2 of 4 epochs and resumed on 2, ends with the weights and EMA of an uninterrupted
+    1-process run (to float32's bound: ZeRO keeps float32 master weights). Resuming its checkpoint on 1 process is
+    refused with what to do (DeepSpeed cannot re-partition ZeRO state), before anything is trained. Fails if the
+    engine's checkpoint misses the optimiser partitions, if the engine steps twice per update or clips with
+    another norm, or if a process-count change slips through."""
+    config = ddpo_config(tmp_path / "ddpo.yaml", tiny_sd_dir)
+    launch(config, tmp_path / "straight", 1, torchrun)
+    moved = tmp_path / "moved"
+    zero2 = lambda *args, processes=2, check=True: accelerate_launch(  # noqa: E731
+        [WORKER, config, *args, f"trainer.output_dir={moved}"], env=ENV, config="deepspeed_zero2",
+        processes=processes, check=check)
+    zero2("--stop-after", 1)
+    assert (moved / "checkpoints" / "step_000001" / "sharded" / "state").is_dir()
+    refused = zero2("trainer.resume=latest", processes=1, check=False)
+    assert refused.returncode != 0 and "cannot re-partition" in refused.stderr
+    assert not (moved / "checkpoints" / "step_000002").exists()
+    zero2("trainer.resume=latest")
+    for name in ("trainable.safetensors", "ema.safetensors"):
+        assert_same_weights(weights(tmp_path / "straight", 3, name), weights(moved, 3, name), atol=1e-6)
