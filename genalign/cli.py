@@ -39,11 +39,13 @@ def load_run_generator(run_dir: str | Path, checkpoint: str = "latest", trained:
 
     A run trained with EMA gives its EMA weights, as its own evaluations used; `use_ema=False` gives the raw
     trained weights."""
+    from genalign.attention import apply_attention_backend, run_device
     from genalign.engine import build_generator
     from genalign.trainer import load_trained_weights, resolve_checkpoint
 
     config = load_run_config(run_dir)
     generator = build_generator(config.model)
+    apply_attention_backend(config.trainer.attention, run_device(), generator=generator)
     if trained:
         path = resolve_checkpoint(checkpoint, Path(run_dir))
         if path is None:

@@ -122,37 +122,49 @@ def test_rtb_on_two_processes_ends_like_one(masked_model_dir, tmp_path, torchrun
 
 
 # ------------------------------------------------------------------------------- N processes → M processes
+# One DDPO run of 4 epochs, trained uninterrupted on 1 process, against the same run moved between process counts
+# and strategies. DDPO carries per-prompt reward statistics in its pipeline state; the run has LoRA, EMA, a warm-up
+# + cosine schedule, clipping that bites (norms 0.2–0.7 against 0.05) and inner epochs whose reshuffled updates
+# gather trajectories across processes; 12 samples an epoch in 2 updates split over 1, 2 or 3 processes.
+DDPO_SETTINGS = {
+    "pipeline": "ddpo",
+    "prompts": {"prompts": ["a red circle", "a blue square", "two green stars", "a yellow sun"]},
+    "sampling": {"num_inference_steps": 3, "guidance_scale": 2.0, "batch_size": 8, "log_prob_reduction": "mean"},
+    "trainer": {"learning_rate": 1e-3, "progress": False, "checkpoint_every": 1, "keep_checkpoints": 0,
+                "ema": True, "ema_decay": 0.5, "lr_schedule": "cosine", "lr_warmup_steps": 1, "max_grad_norm": 0.05},
+    "eval": {"every": 1, "samples_per_prompt": 1},
+    "epochs": 4, "prompts_per_epoch": 6, "samples_per_prompt": 2, "updates_per_epoch": 2, "inner_epochs": 2,
+    "timestep_fraction": 0.67, "stat_min_count": 2, "train_batch_size": 1,
+}
 
 
-def ddpo_config(path: Path, model: Path) -> Path:
-    save_yaml({
-        "pipeline": "ddpo",
-        "model": {"pretrained": str(model), "dtype": "float64"},
-        "prompts": {"prompts": ["a red circle", "a blue square", "two green stars", "a yellow sun"]},
-        "sampling": {"num_inference_steps": 3, "guidance_scale": 2.0, "batch_size": 8, "log_prob_reduction": "mean"},
-        "trainer": {"learning_rate": 1e-3, "progress": False, "checkpoint_every": 1, "keep_checkpoints": 0,
-                    "ema": True, "ema_decay": 0.5, "lr_schedule": "cosine", "lr_warmup_steps": 1},
-        "eval": {"every": 100, "samples_per_prompt": 1},
-        "epochs": 4, "prompts_per_epoch": 4, "samples_per_prompt": 2, "updates_per_epoch": 2, "inner_epochs": 2,
-        "timestep_fraction": 0.67, "stat_min_count": 2, "train_batch_size": 1,
-    }, path)
-    return path
+@pytest.fixture(scope="module")
+def straight_ddpo(tiny_sd_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(the DDPO config, its uninterrupted 1-process run folder)."""
+    folder = tmp_path_factory.mktemp("ddpo")
+    config = folder / "ddpo.yaml"
+    save_yaml({**DDPO_SETTINGS, "model": {"pretrained": str(tiny_sd_dir), "dtype": "float64"}}, config)
+    launch(config, folder / "straight", 1, None)
+    return config, folder / "straight"
 
 
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
-def test_a_checkpoint_resumes_on_another_process_count(tiny_sd_dir, tmp_path, torchrun, first, then):
-    """DDPO (per-prompt reward statistics in the pipeline state, EMA, a warm-up + cosine schedule, inner epochs that
-    gather trajectories) stopped after 2 of 4 epochs on `first` processes and resumed on `then` ends with the
-    weights and EMA of an uninterrupted 1-process run. Fails if resuming reads per-process state that the new
-    process count lacks (a missing rank's RNG file, a per-process optimiser shard), or if the schedule, EMA or
-    statistics restart."""
-    config = ddpo_config(tmp_path / "ddpo.yaml", tiny_sd_dir)
-    launch(config, tmp_path / "straight", 1, torchrun)
-    launch(config, tmp_path / "moved", first, torchrun, stop_after=1)
-    assert not (tmp_path / "moved" / "checkpoints" / "step_000002").exists()
-    launch(config, tmp_path / "moved", then, torchrun, "trainer.resume=latest")
+def assert_moved_run_ends_straight(straight: Path, moved: Path, atol: float) -> None:
     for name in ("trainable.safetensors", "ema.safetensors"):
-        assert_same_weights(weights(tmp_path / "straight", 3, name), weights(tmp_path / "moved", 3, name), atol=1e-9)
+        assert_same_weights(weights(straight, 3, name), weights(moved, 3, name), atol=atol)
+
+
+def test_a_checkpoint_moves_between_process_counts(straight_ddpo, tmp_path, torchrun):
+    """The DDPO run on 2 processes, stopped after epoch 0, continued on 1 process to epoch 1, then on 2 to the end,
+    ends with the weights and EMA of the uninterrupted run. Fails if resuming reads per-process state that the new
+    process count lacks (a missing rank's RNG file, a per-process optimiser shard), if tensors cannot be loaded on
+    a multi-process CPU run, or if the schedule, EMA or statistics restart."""
+    config, straight = straight_ddpo
+    moved = tmp_path / "moved"
+    launch(config, moved, 2, torchrun, stop_after=0)
+    launch(config, moved, 1, torchrun, "trainer.resume=latest", stop_after=1)
+    assert not (moved / "checkpoints" / "step_000002").exists()
+    launch(config, moved, 2, torchrun, "trainer.resume=latest")
+    assert_moved_run_ends_straight(straight, moved, atol=1e-9)
 
 
 def test_a_gflownet_checkpoint_with_replay_resumes_on_one_process(tmp_path, torchrun):
@@ -182,47 +194,43 @@ def test_a_gflownet_checkpoint_with_replay_resumes_on_one_process(tmp_path, torc
 # ------------------------------------------------------------------------------- FSDP on CPU processes
 
 
-def test_fsdp_trains_like_one_process_and_its_checkpoints_move_between_process_counts(tiny_sd_dir, tmp_path,
+def test_fsdp_trains_like_one_process_and_its_checkpoints_move_between_process_counts(straight_ddpo, tmp_path,
                                                                                        torchrun, accelerate_launch):
-    """DDPO with LoRA, EMA and a warm-up + cosine schedule, under the shipped FSDP config (FSDP2 on gloo CPU
-    processes), run in four pieces — FSDP on 2 processes, then 1 process without FSDP, then FSDP on 3, then FSDP on
-    2 — ends with the weights and EMA of one uninterrupted 1-process run. Fails if the optimiser, the parameters or
-    the EMA are saved from one process's shards only, if a sharded checkpoint cannot be re-sharded for another
-    process count (or read without FSDP), if a whole checkpoint cannot be sharded, if sampling under FSDP deadlocks
-    or draws differently, or if clipping sees only local shards."""
-    config = ddpo_config(tmp_path / "ddpo.yaml", tiny_sd_dir)
-    # 6 samples an epoch, one update: 6, 3 or 2 per process.
-    settings = ["prompts_per_epoch=3", "updates_per_epoch=1", "eval.every=1", "trainer.max_grad_norm=0.05"]
-    launch(config, tmp_path / "straight", 1, torchrun, *settings)
+    """The DDPO run under the shipped FSDP config (FSDP2 on gloo CPU processes), in four pieces — FSDP on 2
+    processes, then 1 process without FSDP, then FSDP on 3, then FSDP on 2 — ends with the weights and EMA of the
+    uninterrupted 1-process run, and `genalign export` writes the adapter an unsharded run has. Fails if the
+    optimiser, the parameters or the EMA are saved from one process's shards only, if a sharded checkpoint cannot
+    be re-sharded for another process count (or read without FSDP), if a whole checkpoint cannot be sharded, if
+    sampling under FSDP deadlocks or draws differently, or if clipping sees only local shards."""
+    config, straight = straight_ddpo
     moved = tmp_path / "moved"
-    fsdp_run = lambda processes, *args: accelerate_launch([WORKER, config, *args], env=ENV, processes=processes)  # noqa: E731
-    fsdp_run(2, "--stop-after", 0, f"trainer.output_dir={moved}", *settings)
+    fsdp = lambda processes, *args: accelerate_launch(  # noqa: E731
+        [WORKER, config, *args, f"trainer.output_dir={moved}"], env=ENV, processes=processes)
+    fsdp(2, "--stop-after", 0)
     assert (moved / "checkpoints" / "step_000000" / "sharded").is_dir()
-    launch(config, moved, 1, torchrun, *settings, "trainer.resume=latest", stop_after=1)
-    fsdp_run(3, "--stop-after", 2, f"trainer.output_dir={moved}", *settings, "trainer.resume=latest")
-    fsdp_run(2, f"trainer.output_dir={moved}", *settings, "trainer.resume=latest")
-    for name in ("trainable.safetensors", "ema.safetensors"):
-        assert_same_weights(weights(tmp_path / "straight", 3, name), weights(moved, 3, name), atol=1e-9)
+    launch(config, moved, 1, torchrun, "trainer.resume=latest", stop_after=1)
+    fsdp(3, "--stop-after", 2, "trainer.resume=latest")
+    fsdp(2, "trainer.resume=latest")
+    assert_moved_run_ends_straight(straight, moved, atol=1e-9)
     # A sharded checkpoint has no diffusers adapter folder; `genalign export` writes the one an unsharded run has.
     assert not (moved / "checkpoints" / "step_000003" / "lora").exists()
     from genalign.cli import main
 
     assert main(["export", "--run", str(moved), "--out", str(tmp_path / "exported")]) == 0
     name = "pytorch_lora_weights.safetensors"
-    assert_same_weights(load_file(str(tmp_path / "straight" / "checkpoints" / "step_000003" / "lora" / name)),
+    assert_same_weights(load_file(str(straight / "checkpoints" / "step_000003" / "lora" / name)),
                         load_file(str(tmp_path / "exported" / name)), atol=1e-6)
 
 
-def test_deepspeed_zero2_trains_like_one_process_and_resumes_on_its_process_count(tiny_sd_dir, tmp_path, torchrun,
+def test_deepspeed_zero2_trains_like_one_process_and_resumes_on_its_process_count(straight_ddpo, tmp_path,
                                                                                  accelerate_launch):
-    """DDPO with LoRA, EMA and a warm-up + cosine schedule under the shipped DeepSpeed ZeRO-2 config on 2 CPU
-    processes, stopped after 2 of 4 epochs and resumed on 2, ends with the weights and EMA of an uninterrupted
-    1-process run (to float32's bound: ZeRO keeps float32 master weights). Resuming its checkpoint on 1 process is
-    refused with what to do (DeepSpeed cannot re-partition ZeRO state), before anything is trained. Fails if the
-    engine's checkpoint misses the optimiser partitions, if the engine steps twice per update or clips with
-    another norm, or if a process-count change slips through."""
-    config = ddpo_config(tmp_path / "ddpo.yaml", tiny_sd_dir)
-    launch(config, tmp_path / "straight", 1, torchrun)
+    """The DDPO run under the shipped DeepSpeed ZeRO-2 config on 2 CPU processes, stopped after 2 of 4 epochs and
+    resumed on 2, ends with the weights and EMA of the uninterrupted 1-process run (to float32's bound: ZeRO keeps
+    float32 master weights). Resuming its checkpoint on 1 process is refused with what to do (DeepSpeed cannot
+    re-partition ZeRO state), before anything is trained. Fails if the engine's checkpoint misses the optimiser
+    partitions, if the engine steps twice per update or clips with another norm, or if a process-count change
+    slips through."""
+    config, straight = straight_ddpo
     moved = tmp_path / "moved"
     zero2 = lambda *args, processes=2, check=True: accelerate_launch(  # noqa: E731
         [WORKER, config, *args, f"trainer.output_dir={moved}"], env=ENV, config="deepspeed_zero2",
@@ -233,5 +241,4 @@ def test_deepspeed_zero2_trains_like_one_process_and_resumes_on_its_process_coun
     assert refused.returncode != 0 and "cannot re-partition" in refused.stderr
     assert not (moved / "checkpoints" / "step_000002").exists()
     zero2("trainer.resume=latest")
-    for name in ("trainable.safetensors", "ema.safetensors"):
-        assert_same_weights(weights(tmp_path / "straight", 3, name), weights(moved, 3, name), atol=1e-6)
+    assert_moved_run_ends_straight(straight, moved, atol=1e-6)
