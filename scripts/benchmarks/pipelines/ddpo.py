@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from benchmarks.pipelines.harness import Case, Outcome, Stopwatch
-from benchmarks.pipelines.image_models import ImageModels, load_image_models
+from benchmarks.pipelines.models import ImageModels, load_image_models
 from benchmarks.pipelines.plain_diffusion import gaussian_log_prob
 from benchmarks.pipelines.plain_training import EpochDraw, adamw, normalised_per_prompt, optimizer_step, read_prompts
 

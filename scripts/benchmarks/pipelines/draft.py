@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from benchmarks.pipelines.harness import Case, Outcome, Stopwatch
-from benchmarks.pipelines.image_models import ImageModels, load_image_models
+from benchmarks.pipelines.models import ImageModels, load_image_models
 from benchmarks.pipelines.plain_training import EpochDraw, adamw, optimizer_step, read_prompts
 
 

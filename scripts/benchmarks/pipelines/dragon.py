@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.pipelines.harness import Case, Outcome, Stopwatch
-from benchmarks.pipelines.image_models import ImageModels, load_image_models
+from benchmarks.pipelines.models import ImageModels, load_image_models
 from benchmarks.pipelines.plain_training import EpochDraw, adamw, optimizer_step, read_prompts
 
 
