@@ -8,11 +8,11 @@ the optimiser step).
 
 from __future__ import annotations
 
-from benchmarks.pipelines import ddpo, draft, dragon, drakes, prdp, rtb
+from benchmarks.pipelines import ctrl_u, ddpo, draft, dragon, drakes, gflownet, parrot, prdp, rtb
 from benchmarks.pipelines.harness import Case, measure
 from benchmarks.timing import run_child
 
-CASES: dict[str, Case] = {case.name: case for case in (ddpo.CASE, draft.DRAFT, draft.ALIGNPROP, prdp.CASE, dragon.CASE, drakes.CASE, rtb.CASE)}
+CASES: dict[str, Case] = {case.name: case for case in (ddpo.CASE, draft.DRAFT, draft.ALIGNPROP, prdp.CASE, dragon.CASE, drakes.CASE, ctrl_u.CASE, parrot.CASE, gflownet.CASE, rtb.CASE)}
 
 
 def case_row(case: Case, repeats: int, with_memory: bool = True) -> dict:
