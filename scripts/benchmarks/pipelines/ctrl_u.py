@@ -56,7 +56,7 @@ def reference(config, models: ImageModels) -> Outcome:
                 loss = loss + config.reward_weight * reward_loss + config.uncertainty_weight * uncertainty.mean()
             (loss / n).backward()
             for key, value in (("loss", loss), ("diffusion_loss", diffusion_loss), ("reward_loss", reward_loss)):
-                sums[key] += float(value) / n
+                sums[key] += float(value.detach()) / n
         grad_norm = optimizer_step(optimizer, config.trainer.max_grad_norm)
     return Outcome(clock.seconds, {**sums, "grad_norm": grad_norm})
 

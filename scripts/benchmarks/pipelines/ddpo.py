@@ -55,7 +55,7 @@ CASE = Case(
     overrides=["prompts_per_epoch=4", "samples_per_prompt=4", "stat_min_count=4", "train_batch_size=8",
                "timestep_fraction=1.0", "eval.gold.name=null"],
     test_overrides=["prompts_per_epoch=2", "samples_per_prompt=2", "stat_min_count=2", "train_batch_size=2",
-                    "sampling.num_inference_steps=3"],
+                    "sampling.num_inference_steps=2"],
     samples=lambda c: c.prompts_per_epoch * c.samples_per_prompt,
     updates=lambda c: c.updates_per_epoch * c.inner_epochs,
     load_models=load_image_models,

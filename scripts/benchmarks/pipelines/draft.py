@@ -35,7 +35,7 @@ def reference(config, models: ImageModels) -> Outcome:
             chain = parts.sample(prompt, seed, s.num_inference_steps, s.guidance_scale, s.eta, grad_steps=k)
             score = reward(parts.decode(chain[-1]), [prompt]).rewards[0]
             (-score / len(draw)).backward()
-            rewards.append(float(score))
+            rewards.append(float(score.detach()))
         grad_norm = optimizer_step(optimizer, config.trainer.max_grad_norm)
     return Outcome(clock.seconds, {"reward_mean": float(np.mean(rewards)), "grad_norm": grad_norm})
 
@@ -46,7 +46,7 @@ def _case(name: str, title: str, overrides: list[str], test_overrides: list[str]
         title=title,
         config="draft_shapes.yaml",
         overrides=["batch_size=8", "train_batch_size=4", "eval.gold.name=null", *overrides],
-        test_overrides=["batch_size=2", "train_batch_size=1", "sampling.num_inference_steps=3", *test_overrides],
+        test_overrides=["batch_size=2", "train_batch_size=1", "sampling.num_inference_steps=2", *test_overrides],
         samples=lambda c: c.batch_size,
         updates=lambda c: 1,
         load_models=load_image_models,
@@ -64,4 +64,4 @@ DRAFT = _case("draft", "DRaFT-2 epoch, shapes world, 8 samples (2 micro-batches 
 # K is drawn from the run's seed and the epoch: 10 for epoch 0 at seed 0 (the longest truncation AlignProp draws).
 ALIGNPROP = _case("alignprop", "AlignProp epoch (K uniform in 1…10 per epoch; this epoch draws K = 10), otherwise as "
                                "DRaFT-2", ["grad_steps=10", "random_truncation=true", "min_grad_steps=1"],
-                  ["grad_steps=3"], LEAVES_OUT)
+                  ["grad_steps=2"], LEAVES_OUT)

@@ -59,7 +59,7 @@ def reference(config, models: ImageModels) -> Outcome:
                 delta = (policy_w - ref_w) - (policy_l - ref_l)
                 loss = -F.logsigmoid(-config.beta * delta) / len(pairs)
                 loss.backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
             grad_norm = optimizer_step(optimizer, config.trainer.max_grad_norm)
             losses.append(loss_sum)
     return Outcome(clock.seconds, {"reward_mean": float(np.mean(rewards)), "dragon_loss": float(np.mean(losses)),
@@ -73,7 +73,7 @@ CASE = Case(
     config="dragon_shapes.yaml",
     overrides=["prompts_per_epoch=4", "samples_per_prompt=4", "updates_per_epoch=2", "train_batch_size=4",
                "demo_gallery_round=null", "eval.gold.name=null"],
-    test_overrides=["prompts_per_epoch=2", "samples_per_prompt=2", "sampling.num_inference_steps=3"],
+    test_overrides=["prompts_per_epoch=2", "samples_per_prompt=2", "sampling.num_inference_steps=2"],
     samples=lambda c: c.prompts_per_epoch * c.samples_per_prompt,
     updates=lambda c: c.updates_per_epoch,
     load_models=load_image_models,

@@ -55,8 +55,8 @@ def reference(config, models: MaskedModels) -> Outcome:
                 one_hot = real + (F.one_hot(real.argmax(-1), model.vocab).float() - real).detach()
                 score = reward(one_hot, [""]).rewards[0]
                 ((-score + config.alpha * kl[0]) / batch).backward()
-                rewards.append(float(score))
-                kls.append(float(kl))
+                rewards.append(float(score.detach()))
+                kls.append(float(kl.detach()))
             values[f"reward_mean_{epoch}"] = float(np.mean(rewards))
             values[f"kl_{epoch}"] = float(np.mean(kls))
             values[f"grad_norm_{epoch}"] = optimizer_step(optimizer, config.trainer.max_grad_norm)

@@ -72,7 +72,7 @@ def reference(config, env) -> Outcome:
                         log_pb = log_pb + heads(states[t + 1])[1][0, env.backward_action(action)[0]]
                 loss = (log_z + log_pf - log_r - log_pb).pow(2) / config.batch_size
                 loss.backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
             values[f"loss_{epoch}"] = loss_sum
             values[f"grad_norm_{epoch}"] = optimizer_step(optimizer, config.trainer.max_grad_norm)
     last = config.epochs - 1

@@ -74,10 +74,10 @@ def reference(config, models: ImageModels) -> Outcome:
                 mean, std = parts.ddim_step(chains[g][i], output, t, s.num_inference_steps, s.eta)
                 loss = -weight * gaussian_log_prob(chains[g][i + 1], mean, std, s.log_prob_reduction).sum()
                 loss.backward()
-                policy_loss += float(loss)
+                policy_loss += float(loss.detach())
             loss = -weight * pen.log_prob(expansions[g]).sum()
             loss.backward()
-            pen_loss += float(loss)
+            pen_loss += float(loss.detach())
         grad_norm = optimizer_step(optimizer, config.trainer.max_grad_norm)
     return Outcome(clock.seconds, {"reward_mean": float(np.mean(np.sum(scores, axis=1))),
                                    "selected_fraction": len(chosen) / len(draw), "policy_loss": policy_loss,
@@ -91,7 +91,7 @@ CASE = Case(
     config="parrot_shapes.yaml",
     overrides=["prompts_per_epoch=2", "samples_per_prompt=4", "train_batch_size=8", "gallery_prompts=0",
                "eval.gold.name=null"],
-    test_overrides=["sampling.num_inference_steps=3"],
+    test_overrides=["prompts_per_epoch=1", "train_batch_size=4", "sampling.num_inference_steps=2"],
     samples=lambda c: c.prompts_per_epoch * c.samples_per_prompt,
     updates=lambda c: c.updates_per_epoch,
     load_models=load_image_models,

@@ -68,7 +68,7 @@ def reference(config, models: ImageModels) -> Outcome:
             loss = rdp_loss(current - old, rewards, config.samples_per_prompt, config.beta, config.clip_range)
             loss.backward()
             grad_norm = optimizer_step(optimizer, config.trainer.max_grad_norm)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     return Outcome(clock.seconds, {"reward_mean": float(np.mean(rewards)), "rdp_loss_first": losses[0],
                                    "rdp_loss": float(np.mean(losses)), "grad_norm": grad_norm})
 
@@ -79,7 +79,7 @@ CASE = Case(
     config="prdp_shapes_small.yaml",
     overrides=["prompts_per_epoch=2", "samples_per_prompt=4", "updates_per_epoch=2", "train_batch_size=8",
                "probe_prompts=0", "eval.gold.name=null"],
-    test_overrides=["samples_per_prompt=2", "train_batch_size=4", "sampling.num_inference_steps=3"],
+    test_overrides=["samples_per_prompt=2", "train_batch_size=4", "sampling.num_inference_steps=2"],
     samples=lambda c: c.prompts_per_epoch * c.samples_per_prompt,
     updates=lambda c: c.updates_per_epoch,
     load_models=load_image_models,

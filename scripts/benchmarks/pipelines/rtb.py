@@ -56,7 +56,7 @@ def reference(config, models: MaskedModels) -> Outcome:
             loss = delta.pow(2).mean()
             loss.backward()
             on_policy = slice(n_prior, batch)
-            values[f"rtb_loss_{epoch}"] = float(loss)
+            values[f"rtb_loss_{epoch}"] = float(loss.detach())
             values[f"reward_mean_{epoch}"] = float(np.mean(log_rewards[on_policy]))
             values[f"grad_norm_{epoch}"] = optimizer_step(optimizer, config.trainer.max_grad_norm)
     return Outcome(clock.seconds, {key: values[key] for key in COMPARED})
