@@ -7,7 +7,8 @@ from pathlib import Path
 
 # Extra columns printed after the ratio when a row has them.
 EXTRA_COLUMNS = ("peak_mib", "baseline_peak_mib", "ddpo_updates_per_s", "samples_per_s", "updates_per_s",
-                 "vocoder_share", "embedding_share", "update_share", "cache_hits", "compile_s", "check")
+                 "vocoder_share", "embedding_share", "update_share", "cache_hits", "size_ratio", "linear_fit_error",
+                 "compile_s", "max_abs_difference", "check")
 
 
 def _format(value) -> str:
