@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -135,16 +136,19 @@ def main() -> None:
     if args.pipeline_repeats is None:
         args.pipeline_repeats = min(args.repeats, 3)
     torch.manual_seed(0)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     rows = []
     for name, parts in selected(args.only):
         function = resolve(BENCHMARKS[name])
+        load_before = os.getloadavg()[0]
         result = function(args, parts) if name in PARTS.values() else function(args)
-        rows.extend(result if isinstance(result, list) else [result])
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        # The machine's 1-minute load average around each benchmark: other work on the cores shows up here.
+        load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        rows.extend({**row, "load_1min": load} for row in (result if isinstance(result, list) else [result]))
+        if args.out:  # after every benchmark, so that a long run's finished parts survive an interruption
+            write_json(args.out, device, rows)
     print(f"device: {device}; torch {torch.__version__}\n")
     print(markdown(rows))
-    if args.out:
-        write_json(args.out, device, rows)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,22 @@
-"""DRaFT-K peak memory (and time) with and without activation checkpointing of the tracked denoiser calls, each
-setting in a fresh process (see `benchmarks.timing` for how memory is read on CUDA and on the CPU)."""
+"""DRaFT-K peak memory with and without activation checkpointing of the tracked denoiser calls, each setting in a
+fresh process (see `benchmarks.timing` for how memory is read on CUDA and on the CPU)."""
 
 from __future__ import annotations
 
-import statistics
-import time
+import functools
+from typing import Callable
 
 import torch
 
-from benchmarks.timing import PeakMemory, run_child, synchronize
+from benchmarks.timing import PeakMemory, run_child
 from benchmarks.worlds import PROMPTS, tiny_sd_pipe
 
 TRUNCATIONS = (1, 2, 5, 10)
 
 
-def draft_step(k: int, checkpoint: bool, image_size: int, batch: int, steps: int, device: str,
-               repeats: int = 1) -> dict:
-    """In a fresh process: one warm-up DRaFT-K forward+backward (colourfulness reward, η = 0, CFG 5) on the tiny SD
-    model, then `repeats` timed ones. Returns {"peak_bytes": peak memory of the first timed step above the memory
-    before it, "seconds": median time of the timed steps, "memory_method": how memory was read}."""
+def draft_step(k: int, checkpoint: bool, image_size: int, batch: int, steps: int,
+               device: str) -> Callable[[], None]:
+    """One DRaFT-K forward+backward (colourfulness reward, η = 0, CFG 5) on a freshly built tiny SD model."""
     from genalign.generators.diffusion import DiffusionGenerator, SamplingOptions
     from rewards import build_reward
 
@@ -35,35 +33,43 @@ def draft_step(k: int, checkpoint: bool, image_size: int, batch: int, steps: int
         (-reward(out.outputs, prompts).rewards.mean()).backward()
         gen.denoiser.zero_grad(set_to_none=True)
 
+    return step
+
+
+def draft_peak_memory(k: int, checkpoint: bool, image_size: int, batch: int, steps: int, device: str) -> dict:
+    """In a fresh process (`run_child`): a warm-up DRaFT-K step, then the peak memory of a second one above the
+    memory before it. Returns {"peak_bytes", "memory_method"}. (No time: the fixed mmap threshold that makes resident
+    memory follow live memory also makes every large allocation a system call, which slows the step several-fold.)"""
+    step = draft_step(k, checkpoint, image_size, batch, steps, device)
     step()
-    seconds, peak = [], None
-    for _ in range(repeats):
-        with PeakMemory() as memory:
-            synchronize()
-            tic = time.perf_counter()
-            step()
-            synchronize()
-        seconds.append(time.perf_counter() - tic)
-        peak = memory if peak is None else peak
-    return {"peak_bytes": peak.bytes, "seconds": statistics.median(seconds), "memory_method": peak.method}
+    with PeakMemory() as peak:
+        step()
+    return {"peak_bytes": peak.bytes, "memory_method": peak.method}
 
 
-def draft_settings(args, repeats: int = 1) -> dict[tuple[bool, int], dict]:
-    """{(checkpointing, K): draft_step's result} for K in TRUNCATIONS, with and without checkpointing."""
-    return {(checkpoint, k): run_child("benchmarks.memory:draft_step", k=k, checkpoint=checkpoint,
-                                       image_size=args.image_size, batch=args.batch, steps=max(args.steps, 10),
-                                       device=args.device, repeats=repeats)
+@functools.cache
+def draft_memory(k: int, checkpoint: bool, image_size: int, batch: int, steps: int, device: str) -> dict:
+    """`draft_peak_memory` in a fresh process, once per setting and run (the memory and scaling benchmarks share
+    it)."""
+    return run_child("benchmarks.memory:draft_peak_memory", k=k, checkpoint=checkpoint, image_size=image_size,
+                     batch=batch, steps=steps, device=device)
+
+
+def draft_memory_settings(args) -> dict[tuple[bool, int], int]:
+    """{(checkpointing, K): peak bytes} for K in TRUNCATIONS, with and without checkpointing."""
+    return {(checkpoint, k): draft_memory(k, checkpoint, args.image_size, args.batch, max(args.steps, 10),
+                                          args.device)["peak_bytes"]
             for checkpoint in (True, False) for k in TRUNCATIONS}
 
 
 def bench_memory(args) -> list[dict]:
     """DRaFT-K peak memory for K = 1, 2, 5, 10 with and without checkpointing, each as a ratio to K = 1."""
-    results = draft_settings(args)
+    results = draft_memory_settings(args)
     rows = []
     for checkpoint in (True, False):
-        base = results[(checkpoint, 1)]["peak_bytes"]
+        base = results[(checkpoint, 1)]
         for k in TRUNCATIONS:
-            peak = results[(checkpoint, k)]["peak_bytes"]
+            peak = results[(checkpoint, k)]
             rows.append({"benchmark": f"DRaFT-{k} peak memory, checkpointing {'on' if checkpoint else 'off'}",
                          "baseline": "DRaFT-1, same checkpointing", "baseline_s": None, "ours_s": None,
                          "peak_mib": peak / 2**20, "ratio": peak / base})

@@ -3,8 +3,8 @@
 - steps: sampling 16 shapes-world images with per-step log-probs, T = 5 … 40 denoising steps;
 - batch: sampling (10 steps) and one DDPO update (one step's log-prob, PPO-clip loss, backward; every UNet weight
   trained) on the shapes-world model for batch sizes 1 … 64;
-- truncation: DRaFT-K time and peak memory, K = 1 … 10, with and without checkpointing (the memory benchmark's
-  fresh processes, `benchmarks.memory`);
+- truncation: DRaFT-K time (in this process) and peak memory (the memory benchmark's fresh processes,
+  `benchmarks.memory`), K = 1 … 10, with and without checkpointing;
 - length: sequence length L = 64 … 512 for masked-diffusion sampling (the DNA world's CNN, 16 sequences, 32 steps),
   one DRAKES micro-batch (4 sequences, 32 steps, K = 8 relaxed, exact KL in chunks of 8; GC-content reward, which
   reads any length) and GFlowNet rollouts of the sequence transformer (32 trajectories, key–value cache on and off).
@@ -115,15 +115,18 @@ def batch_curves(args) -> list[Curve]:
 
 
 def truncation_curves(args) -> list[Curve]:
-    from benchmarks.memory import TRUNCATIONS, draft_settings
+    from benchmarks.memory import TRUNCATIONS, draft_memory_settings, draft_step
 
-    results = draft_settings(args, repeats=max(1, args.repeats // 2))
+    memory = draft_memory_settings(args)
     curves = []
     for checkpoint in (True, False):
-        measured = [results[(checkpoint, k)] for k in TRUNCATIONS]
-        curves.append(Curve(f"DRaFT-K forward+backward, tiny SD {args.image_size}px, batch {args.batch}, "
-                            f"checkpointing {'on' if checkpoint else 'off'}", "K", list(TRUNCATIONS),
-                            [m["seconds"] for m in measured], [m["peak_bytes"] / 2**20 for m in measured]))
+        curve = measure_curve(f"DRaFT-K forward+backward, tiny SD {args.image_size}px, batch {args.batch}, "
+                              f"checkpointing {'on' if checkpoint else 'off'}", "K", list(TRUNCATIONS),
+                              lambda k, checkpoint=checkpoint: draft_step(k, checkpoint, args.image_size, args.batch,
+                                                                          max(args.steps, 10), args.device),
+                              max(1, args.repeats // 2))
+        curve.memory_mib = [memory[(checkpoint, k)] / 2**20 for k in TRUNCATIONS]
+        curves.append(curve)
     return curves
 
 
@@ -176,8 +179,9 @@ def length_curves(args) -> list[Curve]:
                       lengths, drakes_micro_batch, max(1, args.repeats // 2)),
         measure_curve("GFlowNet rollouts, sequence transformer, 32 trajectories, key–value cache", "L",
                       [32, 64, 128, 256], rollouts(True), args.repeats),
+        # Cubic in L (L steps, each a forward over the whole prefix): 13 s a call at L = 256, left out.
         measure_curve("GFlowNet rollouts, sequence transformer, 32 trajectories, prefix re-read every step", "L",
-                      [32, 64, 128, 256], rollouts(False), max(1, args.repeats // 2)),
+                      [32, 64, 128], rollouts(False), max(1, args.repeats // 2)),
     ]
 
 
@@ -195,9 +199,11 @@ def plot(curves: list[Curve], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     with_memory = any(curve.memory_mib is not None for curve in curves)
-    figure, axes = plt.subplots(1, 2 if with_memory else 1, figsize=(11 if with_memory else 6.5, 4.2), squeeze=False)
+    height = 4.0 + 0.2 * len(curves)
+    figure, axes = plt.subplots(1, 2 if with_memory else 1, figsize=(11 if with_memory else 6.5, height), squeeze=False)
     time_axis = axes[0, 0]
     for curve in curves:
         line, = time_axis.plot(curve.sizes, curve.seconds, marker="o", label=curve.name)
@@ -207,12 +213,16 @@ def plot(curves: list[Curve], path: Path, title: str) -> None:
             axes[0, 1].plot(curve.sizes, curve.memory_mib, marker="o", color=line.get_color(), label=curve.name)
     time_axis.set(xscale="log", yscale="log", xlabel=curves[0].unit, ylabel="seconds (median)",
                   title="time (dotted: linear from the first point)")
-    time_axis.legend(fontsize=7)
     if with_memory:
-        axes[0, 1].set(xlabel=curves[0].unit, ylabel="peak MiB above the start", title="peak memory")
-        axes[0, 1].legend(fontsize=7)
+        axes[0, 1].set(xscale="log", xlabel=curves[0].unit, ylabel="peak MiB above the start", title="peak memory")
+    sizes = sorted({size for curve in curves for size in curve.sizes})
+    for axis in axes[0]:
+        axis.set_xticks(sizes, [str(size) for size in sizes])
+        axis.xaxis.set_minor_locator(NullLocator())
+    handles, labels = time_axis.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", fontsize=7, ncol=1)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.02 + 0.035 * len(curves), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -25,6 +25,7 @@ import torch
 
 # glibc returns allocations above 64 KiB to the system when freed (see the module docstring).
 FRESH_PROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
 
 
 def synchronize() -> None:
@@ -109,15 +110,14 @@ class PeakMemory:
             self.bytes = self.monitor.stop() - self.start
 
 
-BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
-
-
 def run_child(function: str, **kwargs) -> dict:
     """Call `function` ("module:name" under scripts/benchmarks, e.g. "benchmarks.memory:draft_step") with `kwargs`
-    in a fresh Python process started with `FRESH_PROCESS_ENV`, and return the dict it returns (how the memory
-    benchmarks measure each setting on its own; `scripts/bench.py --child` is the child's entry point)."""
+    in a fresh Python process started with `FRESH_PROCESS_ENV` and this process's torch thread count, and return the
+    dict it returns (how the memory benchmarks measure each setting on its own; `scripts/bench.py --child` is the
+    child's entry point)."""
     env = {**os.environ, **FRESH_PROCESS_ENV}
-    command = [sys.executable, BENCH_SCRIPT, "--child", function, json.dumps(kwargs)]
+    command = [sys.executable, BENCH_SCRIPT, "--threads", str(torch.get_num_threads()), "--child", function,
+               json.dumps(kwargs)]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"benchmark child {function}({kwargs}) failed:\n{result.stderr[-4000:]}")
