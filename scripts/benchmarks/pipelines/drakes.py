@@ -72,7 +72,7 @@ CASE = Case(
     test_overrides=["batch_size=2", "train_batch_size=2", "sampling.num_inference_steps=6", "grad_steps=2",
                     "kl_chunk_steps=2"],
     samples=lambda c: c.batch_size,
-    updates=lambda c: c.epochs,
+    updates=lambda c: 1,
     load_models=load_masked_models,
     reference=reference,
     engine_values=lambda records: {"reward_mean_0": records[0]["reward_mean"], "grad_norm_0": records[0]["grad_norm"],

@@ -53,8 +53,8 @@ class Case:
     `reference(config, load_models(config))`, the same algorithm as a plain loop.
 
     Attributes:
-        samples, updates: config → samples (or trajectories) and optimiser updates per unit; `samples` is also what
-            the pipeline's epochs report their samples_per_s over.
+        samples, updates: config → samples (or trajectories) and optimiser updates per epoch (what the pipeline's
+            epochs report their samples_per_s over); a unit is `config.epochs` epochs.
         load_models: config → the models the reference uses, freshly loaded (it trains them).
         reference: (config, models) → Outcome; sets up, and times its unit with a `Stopwatch`.
         engine_values: metrics.jsonl records of the unit (one per epoch) → the values `reference` reports.
@@ -164,7 +164,8 @@ def check(case: Case, engine: Outcome, reference: Outcome) -> tuple[bool, str]:
 
 @dataclass
 class Measurement:
-    """Median unit times of both sides (alternated) and the check of their first, warm-up pair."""
+    """Median unit times of both sides (alternated), the unit's samples and updates, and the check of the first,
+    warm-up pair."""
 
     engine_s: float
     reference_s: float
@@ -185,8 +186,9 @@ def measure(case: Case, repeats: int) -> Measurement:
     for _ in range(repeats):
         engine_times.append(run_side(case, "engine").seconds)
         reference_times.append(run_side(case, "reference").seconds)
-    return Measurement(statistics.median(engine_times), statistics.median(reference_times), case.samples(config),
-                       case.updates(config), agrees, line, engine_times, reference_times)
+    return Measurement(statistics.median(engine_times), statistics.median(reference_times),
+                       case.samples(config) * config.epochs, case.updates(config) * config.epochs, agrees, line,
+                       engine_times, reference_times)
 
 
 def peak_memory_child(case_name: str, side: str) -> dict:
