@@ -124,7 +124,7 @@ def truncation_curves(args) -> list[Curve]:
                               f"checkpointing {'on' if checkpoint else 'off'}", "K", list(TRUNCATIONS),
                               lambda k, checkpoint=checkpoint: draft_step(k, checkpoint, args.image_size, args.batch,
                                                                           max(args.steps, 10), args.device),
-                              max(1, args.repeats // 2))
+                              args.repeats)
         curve.memory_mib = [memory[(checkpoint, k)] / 2**20 for k in TRUNCATIONS]
         curves.append(curve)
     return curves
@@ -176,7 +176,7 @@ def length_curves(args) -> list[Curve]:
         measure_curve("masked-diffusion sampling, DNA world CNN, 16 sequences, 32 steps", "L", lengths, sampling,
                       args.repeats),
         measure_curve("DRAKES micro-batch (forward+backward), DNA world CNN, 4 sequences, 32 steps, K = 8", "L",
-                      lengths, drakes_micro_batch, max(1, args.repeats // 2)),
+                      lengths, drakes_micro_batch, args.repeats),
         measure_curve("GFlowNet rollouts, sequence transformer, 32 trajectories, key–value cache", "L",
                       [32, 64, 128, 256], rollouts(True), args.repeats),
         # Cubic in L (L steps, each a forward over the whole prefix): 13 s a call at L = 256, left out.
