@@ -12,12 +12,14 @@ from benchmarks.pipelines import ctrl_u, ddpo, draft, dragon, drakes, gflownet, 
 from benchmarks.pipelines.harness import Case, measure
 from benchmarks.timing import run_child
 
-CASES: dict[str, Case] = {case.name: case for case in (ddpo.CASE, draft.DRAFT, draft.ALIGNPROP, prdp.CASE, dragon.CASE, drakes.CASE, ctrl_u.CASE, parrot.CASE, gflownet.CASE, rtb.CASE)}
+CASES: dict[str, Case] = {case.name: case for case in (ddpo.CASE, draft.DRAFT, draft.ALIGNPROP, prdp.CASE, dragon.CASE,
+                                                       drakes.CASE, ctrl_u.CASE, parrot.CASE, gflownet.CASE,
+                                                       rtb.CASE)}
 
 
-def case_row(case: Case, repeats: int, with_memory: bool = True) -> dict:
-    """The benchmark row of one case: median unit times (alternated), the equality check, throughput and, with
-    `with_memory`, each side's peak memory measured in a fresh process."""
+def case_row(case: Case, repeats: int) -> dict:
+    """The benchmark row of one case: median unit times (alternated), the equality check, the engine's throughput
+    and each side's peak memory, measured in a fresh process each."""
     result = measure(case, repeats)
     row = {
         "benchmark": case.title,
@@ -32,11 +34,10 @@ def case_row(case: Case, repeats: int, with_memory: bool = True) -> dict:
         "engine_times": result.engine_times,
         "reference_times": result.reference_times,
     }
-    if with_memory:
-        engine = run_child("benchmarks.pipelines.harness:peak_memory_child", case_name=case.name, side="engine")
-        reference = run_child("benchmarks.pipelines.harness:peak_memory_child", case_name=case.name, side="reference")
-        row.update(peak_mib=engine["peak_bytes"] / 2**20, baseline_peak_mib=reference["peak_bytes"] / 2**20,
-                   memory_method=engine["memory_method"])
+    engine = run_child("benchmarks.pipelines.harness:peak_memory_child", case_name=case.name, side="engine")
+    reference = run_child("benchmarks.pipelines.harness:peak_memory_child", case_name=case.name, side="reference")
+    row.update(peak_mib=engine["peak_bytes"] / 2**20, baseline_peak_mib=reference["peak_bytes"] / 2**20,
+               memory_method=engine["memory_method"])
     return row
 
 
