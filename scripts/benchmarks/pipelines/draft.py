@@ -4,7 +4,6 @@ with gradients through the last K steps, score with the differentiable CLIP rewa
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from benchmarks.pipelines.harness import Case, Outcome, Stopwatch
 from benchmarks.pipelines.models import ImageModels, load_image_models
@@ -41,6 +40,7 @@ def reference(config, models: ImageModels) -> Outcome:
 
 
 def _case(name: str, title: str, overrides: list[str], test_overrides: list[str], leaves_out: str) -> Case:
+    """A case on draft_shapes.yaml; DRaFT-K and AlignProp differ only in how K is chosen."""
     return Case(
         name=name,
         title=title,
