@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable
 from unittest import mock
 
-
 from benchmarks.timing import synchronize
 from benchmarks.worlds import CONFIGS
 
