@@ -8,6 +8,10 @@ the optimiser step).
 
 from __future__ import annotations
 
+import sys
+
+import torch
+
 from benchmarks.pipelines import ctrl_u, ddpo, draft, dragon, drakes, gflownet, parrot, prdp, rtb
 from benchmarks.pipelines.harness import Case, measure
 from benchmarks.timing import run_child
@@ -42,5 +46,10 @@ def case_row(case: Case, repeats: int) -> dict:
 
 
 def bench_pipelines(args, names: list[str] | None = None) -> list[dict]:
-    """Rows for the named cases (all by default)."""
+    """Rows for the named cases (all by default). The plain loops create their tensors on the CPU, where this project's
+    machines run; with CUDA the pipelines would run there instead, so the comparison is refused rather than skewed."""
+    if torch.cuda.is_available():
+        print("pipelines: skipped — the plain reference loops run on the CPU only, and the pipelines would use CUDA",
+              file=sys.stderr)
+        return []
     return [case_row(CASES[name], args.pipeline_repeats) for name in (names or list(CASES))]
