@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import _current_rss, _RssMonitor  # noqa: E402
+from benchmarks.timing import FRESH_PROCESS_ENV, RssMonitor, current_rss  # noqa: E402
 from genalign.generators.masked import MaskedDiffusionGenerator, MaskedSamplingOptions  # noqa: E402
 
 MODES = ("no_kl", "exact_chunked", "one_graph")
@@ -81,7 +81,7 @@ def child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         start_memory, monitor = torch.cuda.memory_allocated(), None
     else:
-        start_memory, monitor = _current_rss(), _RssMonitor()
+        start_memory, monitor = current_rss(), RssMonitor()
     tic = time.perf_counter()
     drakes_step(generator, reward, options, args.batch, args.k, args.mode, args.chunk, 1e-3, seed=0)
     if device == "cuda":
@@ -109,7 +109,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # peak RSS tracks live memory (see bench.py)
+    env = {**os.environ, **FRESH_PROCESS_ENV}  # peak RSS tracks live memory (see benchmarks/timing.py)
     results = {}
     for k in [int(v) for v in args.ks.split(",")]:
         for mode in MODES:

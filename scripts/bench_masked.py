@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import paired  # noqa: E402
+from benchmarks.timing import paired  # noqa: E402
 from genalign.generators.masked import (  # noqa: E402
     MaskedDiffusionConfig,
     MaskedDiffusionGenerator,
