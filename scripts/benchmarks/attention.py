@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.timing import paired
-from benchmarks.worlds import SHAPES_MODEL, prompt_lines
-from genalign.generators.diffusion import DiffusionGenerator
+from benchmarks.worlds import shapes_unet_batch
 
 
 def bench_attention(args) -> list[dict]:
@@ -18,17 +17,8 @@ def bench_attention(args) -> list[dict]:
     from genalign.attention import set_attention_backend
     from genalign.generators.masked import MaskedDiffusionConfig, build_backbone
 
-    generator = DiffusionGenerator.from_pretrained(SHAPES_MODEL).to(args.device)
-    unet = generator.denoiser
-    prompts = prompt_lines("shapes_eval", 64)
-    size = unet.config.sample_size
-    with torch.no_grad():
-        pixels = size * generator.vae_scale_factor
-        text = generator.encode_prompts([""] * len(prompts) + prompts, pixels, pixels).embeds
-    x = torch.randn(len(text), unet.config.in_channels, size, size, device=args.device)
-    t = torch.full((len(text),), 500, device=args.device)
-    cases = [(f"shapes-world UNet forward, batch {len(text)} (64 images + CFG), {size}×{size} latents", unet,
-              lambda: unet(x, t, encoder_hidden_states=text))]
+    unet, x, t, text, description = shapes_unet_batch(args.device)
+    cases = [(description, unet, lambda: unet(x, t, encoder_hidden_states=text))]
     for length in (128, 512, 1024):
         config = MaskedDiffusionConfig(alphabet="ACGT", length=length, backbone="transformer", num_layers=4)
         backbone = build_backbone(config).to(args.device).eval()

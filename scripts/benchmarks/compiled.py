@@ -13,25 +13,15 @@ import time
 import torch
 
 from benchmarks.timing import paired, synchronize
-from benchmarks.worlds import SHAPES_MODEL, prompt_lines
+from benchmarks.worlds import shapes_unet_batch
 
 
 def cases(args) -> list[tuple[str, torch.nn.Module, tuple, dict]]:
     """(name, module, positional inputs, keyword inputs) of each forward pass."""
-    from genalign.generators.diffusion import DiffusionGenerator
     from genalign.generators.masked import MaskedDiffusionConfig, build_backbone
 
-    generator = DiffusionGenerator.from_pretrained(SHAPES_MODEL).to(args.device)
-    unet = generator.denoiser.eval()
-    prompts = prompt_lines("shapes_eval", 64)
-    size = unet.config.sample_size
-    with torch.no_grad():
-        pixels = size * generator.vae_scale_factor
-        text = generator.encode_prompts([""] * len(prompts) + prompts, pixels, pixels).embeds
-    latents = torch.randn(len(text), unet.config.in_channels, size, size, device=args.device)
-    timesteps = torch.full((len(text),), 500, device=args.device)
-    found = [(f"shapes-world UNet forward, batch {len(text)} (64 images + CFG), {size}×{size} latents", unet,
-              (latents, timesteps), {"encoder_hidden_states": text, "return_dict": False})]
+    unet, latents, timesteps, text, description = shapes_unet_batch(args.device)
+    found = [(description, unet, (latents, timesteps), {"encoder_hidden_states": text, "return_dict": False})]
     for length in (128, 512):
         config = MaskedDiffusionConfig(alphabet="ACGT", length=length, backbone="transformer", num_layers=4)
         backbone = build_backbone(config).to(args.device).eval()

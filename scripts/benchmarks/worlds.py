@@ -35,3 +35,24 @@ def shapes_pipe(device: str):
     pipe = StableDiffusionPipeline.from_pretrained(SHAPES_MODEL, safety_checker=None).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def shapes_unet_batch(device: str):
+    """The committed shapes-world UNet (eval mode) and one forward's inputs at the demo's sampling batch: 64
+    held-out prompts + their unconditional copies, latents (128, C, H, W), timestep 500 for every row, and the
+    text states (128, tokens, D). Returns (unet, latents, timesteps, text, description)."""
+    import torch
+
+    from genalign.generators.diffusion import DiffusionGenerator
+
+    generator = DiffusionGenerator.from_pretrained(SHAPES_MODEL).to(device)
+    unet = generator.denoiser.eval()
+    prompts = prompt_lines("shapes_eval", 64)
+    size = unet.config.sample_size
+    with torch.no_grad():
+        pixels = size * generator.vae_scale_factor
+        text = generator.encode_prompts([""] * len(prompts) + prompts, pixels, pixels).embeds
+    latents = torch.randn(len(text), unet.config.in_channels, size, size, device=device)
+    timesteps = torch.full((len(text),), 500, device=device)
+    description = f"shapes-world UNet forward, batch {len(text)} (64 images + CFG), {size}×{size} latents"
+    return unet, latents, timesteps, text, description

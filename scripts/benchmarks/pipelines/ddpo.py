@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.pipelines.harness import Case, Outcome, Stopwatch
 from benchmarks.pipelines.models import ImageModels, load_image_models
-from benchmarks.pipelines.plain_diffusion import gaussian_log_prob
+from benchmarks.pipelines.plain_diffusion import gaussian_log_prob, sample_and_score
 from benchmarks.pipelines.plain_training import EpochDraw, adamw, normalised_per_prompt, optimizer_step, read_prompts
 
 
@@ -21,12 +21,7 @@ def reference(config, models: ImageModels) -> Outcome:
     prompts = read_prompts(config.prompts.file)
     draw = EpochDraw.make(config.trainer.seed, 0, len(prompts), config.prompts_per_epoch, config.samples_per_prompt)
     with Stopwatch() as clock:
-        chains, rewards = [], []
-        for prompt_index, seed in zip(draw.prompt_index, draw.seeds):
-            with torch.no_grad():
-                chain = parts.sample(prompts[prompt_index], seed, s.num_inference_steps, s.guidance_scale, s.eta)
-                rewards.append(float(reward(parts.decode(chain[-1]), [prompts[prompt_index]]).rewards[0]))
-            chains.append(chain)
+        chains, rewards = sample_and_score(parts, reward, prompts, draw, s)
         advantages = normalised_per_prompt(rewards, draw.prompt_index, config.adv_clip_max)
         timesteps = parts.timesteps(s.num_inference_steps)
         terms = len(chains) * len(timesteps)

@@ -132,3 +132,17 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, re
     per_element = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     per_element = per_element.flatten(1)
     return per_element.sum(1) if reduction == "sum" else per_element.mean(1)
+
+
+def sample_and_score(parts: PlainDiffusion, reward, prompts: list[str], draw,
+                     sampling) -> tuple[list[list[torch.Tensor]], list[float]]:
+    """One sampler call and one reward call per sample of `draw` (an EpochDraw), without gradients: each sample's
+    chain [x_T, …, x_0] (latents (1, C, H, W)) and its reward."""
+    chains, rewards = [], []
+    for prompt_index, seed in zip(draw.prompt_index, draw.seeds):
+        with torch.no_grad():
+            chain = parts.sample(prompts[prompt_index], seed, sampling.num_inference_steps, sampling.guidance_scale,
+                                 sampling.eta)
+            rewards.append(float(reward(parts.decode(chain[-1]), [prompts[prompt_index]]).rewards[0]))
+        chains.append(chain)
+    return chains, rewards

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.pipelines.harness import Case, Outcome, Stopwatch
 from benchmarks.pipelines.models import ImageModels, load_image_models
-from benchmarks.pipelines.plain_diffusion import gaussian_log_prob
+from benchmarks.pipelines.plain_diffusion import gaussian_log_prob, sample_and_score
 from benchmarks.pipelines.plain_training import EpochDraw, adamw, optimizer_step, read_prompts
 
 
@@ -53,12 +53,7 @@ def reference(config, models: ImageModels) -> Outcome:
         return torch.stack(values)
 
     with Stopwatch() as clock:
-        chains, rewards = [], []
-        for prompt_index, seed in zip(draw.prompt_index, draw.seeds):
-            with torch.no_grad():
-                chain = parts.sample(prompts[prompt_index], seed, s.num_inference_steps, s.guidance_scale, s.eta)
-                rewards.append(float(reward(parts.decode(chain[-1]), [prompts[prompt_index]]).rewards[0]))
-            chains.append(chain)
+        chains, rewards = sample_and_score(parts, reward, prompts, draw, s)
         texts = [prompts[i] for i in draw.prompt_index]
         with torch.no_grad():
             old = torch.stack([log_probs(chain, text) for chain, text in zip(chains, texts)])
